@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks, scorers, throughput client, tables and plots."""

@@ -1,0 +1,5 @@
+import sys
+
+from idlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""The `idlm` block stored in an I-DLM checkpoint's config.json.
+
+An I-DLM checkpoint is a plain HF causal-LM checkpoint; everything I-DLM specific lives in one
+dictionary under the key ``idlm`` of its config, so stock ``AutoModelForCausalLM`` loads it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from idlm.errors import UserError
+
+IDLM_CONFIG_KEY = "idlm"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ObjectiveConfig:
+    """Settings of the all-masked [x_t | x_0] training objective.
+
+    alpha: weight of the clean (AR) cross-entropy; with ``auto_balance`` it multiplies the balanced weight.
+    auto_balance: weight the clean term by CE_noisy / CE_clean (detached), times ``alpha``.
+    block_align: where mask blocks start: ``"response"`` restarts blocks at every supervised segment,
+        ``"sequence"`` aligns them to position 0 as the paper's code does.
+    """
+
+    alpha: float = 0.2
+    auto_balance: bool = False
+    block_align: Literal["response", "sequence"] = "response"
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise UserError(f"objective alpha must be >= 0, got {self.alpha}")
+        if self.block_align not in ("response", "sequence"):
+            raise UserError(f"objective block_align must be 'response' or 'sequence', got {self.block_align!r}")
+
+
+@dataclass
+class IDLMConfig:
+    """What makes a causal LM an I-DLM.
+
+    mask_token_id: the input id of the MASK token (an embedding row of the model).
+    stride: N, tokens per ISD step; training uses blocks of N - 1 mask positions.
+    """
+
+    mask_token_id: int
+    stride: int = 2
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.objective, dict):
+            self.objective = ObjectiveConfig(**self.objective)
+        check_stride(self.stride)
+        if self.mask_token_id < 0:
+            raise UserError(f"mask token id must be >= 0, got {self.mask_token_id}")
+
+    @property
+    def block_size(self) -> int:
+        """Mask positions per training block (N - 1)."""
+        return self.stride - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IDLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"unknown keys in the idlm config block: {sorted(unknown)}")
+        return cls(**data)
+
+
+def check_stride(stride: int) -> None:
+    if not isinstance(stride, int) or stride < 2:
+        raise UserError(f"stride must be an integer >= 2 (N tokens per step), got {stride!r}")
+
+
+def read_idlm_config(hf_config: Any) -> IDLMConfig | None:
+    """The `idlm` block of a transformers config (object or dict), or None for a plain AR model."""
+    block = hf_config.get(IDLM_CONFIG_KEY) if isinstance(hf_config, dict) else getattr(hf_config, IDLM_CONFIG_KEY, None)
+    if block is None:
+        return None
+    return IDLMConfig.from_dict(dict(block))
+
+
+def write_idlm_config(hf_config: Any, cfg: IDLMConfig) -> None:
+    """Store ``cfg`` in a transformers config object; it is serialised into config.json by save_pretrained."""
+    setattr(hf_config, IDLM_CONFIG_KEY, cfg.to_dict())

@@ -1,0 +1,188 @@
+"""The all-masked [x_t | x_0] training objective (DESIGN.md, "The objective").
+
+For a row with clean ids x_0 (length L) and labels (-100 outside the supervised response tokens):
+
+* x_t = x_0 with every supervised position replaced by the MASK id (all-masked, t = 1);
+* the model reads [x_t | x_0] (length 2L), both halves with the same position ids;
+* attention follows `idlm.masks`; the hidden state at position i predicts token i + 1 in both halves;
+* loss = CE_noisy + w * CE_clean, each a *sum* over the micro-batch divided by a normaliser that the
+  caller may set to the supervised-target count of the whole global batch (all accumulation steps and
+  ranks), so k micro-batches with accumulation give exactly the loss and gradients of one big batch.
+
+Nothing here depends on LlamaFactory; the trainer in `idlm.training` calls `idlm_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from idlm.config import IDLMConfig, ObjectiveConfig
+from idlm.losses import IGNORE_INDEX, linear_cross_entropy_sum
+from idlm.masks import SequenceLayout, additive_mask, compute_block_ids, dense_mask, flex_block_mask, positions_from_mask
+
+
+@dataclass
+class IDLMInputs:
+    """Model inputs and targets for one micro-batch.
+
+    input_ids:     [B, 2L] the concatenation [x_t | x_0].
+    position_ids:  [B, 2L] the same positions for both halves.
+    noisy_targets: [B, L] target of the x_t hidden state at i (token i+1 where i is masked and i+1 supervised).
+    clean_targets: [B, L] target of the x_0 hidden state at i (label i+1: ordinary shifted SFT targets).
+    layout:        per-position attributes used by the attention rule.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    noisy_targets: torch.Tensor
+    clean_targets: torch.Tensor
+    layout: SequenceLayout
+
+    @property
+    def seq_len(self) -> int:
+        return self.layout.seq_len
+
+
+@dataclass
+class LossOutput:
+    """The combined loss and its parts. ``loss`` carries the graph; the rest are detached.
+
+    ce_noisy / ce_clean: this micro-batch's summed CE divided by the normaliser that was used.
+    sum_* / n_*: the raw summed CE and target counts of this micro-batch (for logging and all-reduce).
+    """
+
+    loss: torch.Tensor
+    ce_noisy: torch.Tensor
+    ce_clean: torch.Tensor
+    weight: torch.Tensor
+    sum_noisy: torch.Tensor
+    sum_clean: torch.Tensor
+    n_noisy: int
+    n_clean: int
+
+
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, L] -> targets [B, L] with target[i] = labels[i + 1] and IGNORE_INDEX at the end."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def count_targets(labels: torch.Tensor) -> tuple[int, int]:
+    """(noisy, clean) target counts of a micro-batch; sum them over the global batch for the normaliser."""
+    clean = shift_targets(labels)
+    noisy = torch.where(labels != IGNORE_INDEX, clean, torch.full_like(clean, IGNORE_INDEX))
+    return int((noisy != IGNORE_INDEX).sum()), int((clean != IGNORE_INDEX).sum())
+
+
+def build_inputs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    mask_token_id: int,
+    block_size: int,
+    attention_mask: torch.Tensor | None = None,
+    block_align: str = "response",
+) -> IDLMInputs:
+    """Build [x_t | x_0], positions and targets from clean ids [B, L], labels [B, L] and padding mask [B, L]."""
+    if input_ids.shape != labels.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    supervised = (labels != IGNORE_INDEX) & valid
+    x_t = torch.where(supervised, torch.full_like(input_ids, mask_token_id), input_ids)
+    positions = positions_from_mask(valid)
+    layout = SequenceLayout(
+        positions=positions,
+        block_ids=compute_block_ids(supervised, positions, block_size, block_align),
+        valid=valid,
+    )
+    clean_targets = shift_targets(torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX)))
+    noisy_targets = torch.where(supervised, clean_targets, torch.full_like(clean_targets, IGNORE_INDEX))
+    return IDLMInputs(
+        input_ids=torch.cat([x_t, input_ids], dim=1),
+        position_ids=torch.cat([positions, positions], dim=1),
+        noisy_targets=noisy_targets,
+        clean_targets=clean_targets,
+        layout=layout,
+    )
+
+
+def attention_mask_for(model: torch.nn.Module, layout: SequenceLayout, dtype: torch.dtype | None = None):
+    """The rule in the form the model's attention implementation takes (bool, additive or BlockMask)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if impl == "flex_attention":
+        return flex_block_mask(layout)
+    mask = dense_mask(layout)
+    if impl == "sdpa":
+        return mask
+    return additive_mask(mask, dtype or next(model.parameters()).dtype)
+
+
+def idlm_hidden_states(model: torch.nn.Module, inputs: IDLMInputs) -> torch.Tensor:
+    """Final-norm hidden states [B, 2L, d] of an HF causal LM on [x_t | x_0] under the I-DLM rule."""
+    decoder = model.get_decoder()
+    mask = attention_mask_for(model, inputs.layout)
+    out = decoder(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def clean_weight(cfg: ObjectiveConfig, ce_noisy: torch.Tensor, ce_clean: torch.Tensor) -> torch.Tensor:
+    """w of CE_clean: alpha, or alpha * CE_noisy / CE_clean (detached) with auto-balance (0 when CE_clean is 0)."""
+    alpha = torch.tensor(cfg.alpha, dtype=torch.float32, device=ce_noisy.device)
+    if not cfg.auto_balance:
+        return alpha
+    n, c = ce_noisy.detach().float(), ce_clean.detach().float()
+    return torch.where(c > 0, alpha * n / c.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(c))
+
+
+def idlm_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: IDLMConfig,
+    attention_mask: torch.Tensor | None = None,
+    num_noisy: int | None = None,
+    num_clean: int | None = None,
+    weight: torch.Tensor | float | None = None,
+    chunk_size: int = 2048,
+) -> LossOutput:
+    """CE_noisy + w * CE_clean for one micro-batch of an HF causal LM.
+
+    input_ids, labels, attention_mask: [B, L] (labels -100 on prompt and padding).
+    num_noisy / num_clean: normalisers, i.e. the target counts of the *global* batch (see `count_targets`);
+        default: this micro-batch's own counts (at least 1, so a batch without targets gives 0, not NaN).
+    weight: w; default from ``cfg.objective`` (fixed alpha, or auto-balance on this micro-batch's CE ratio).
+        A trainer that accumulates should pass one weight for the whole optimizer step.
+    """
+    inputs = build_inputs(
+        input_ids, labels, cfg.mask_token_id, cfg.block_size, attention_mask, cfg.objective.block_align
+    )
+    hidden = idlm_hidden_states(model, inputs)
+    L = inputs.seq_len
+    d = hidden.shape[-1]
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    sum_noisy, n_noisy = linear_cross_entropy_sum(
+        hidden[:, :L].reshape(-1, d), head.weight, inputs.noisy_targets.reshape(-1), bias, chunk_size
+    )
+    sum_clean, n_clean = linear_cross_entropy_sum(
+        hidden[:, L:].reshape(-1, d), head.weight, inputs.clean_targets.reshape(-1), bias, chunk_size
+    )
+    ce_noisy = sum_noisy / max(num_noisy if num_noisy is not None else n_noisy, 1)
+    ce_clean = sum_clean / max(num_clean if num_clean is not None else n_clean, 1)
+    if weight is None:
+        w = clean_weight(cfg.objective, ce_noisy, ce_clean)
+    else:
+        w = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device).detach()
+    loss = ce_noisy + w * ce_clean
+    return LossOutput(
+        loss=loss,
+        ce_noisy=ce_noisy.detach(),
+        ce_clean=ce_clean.detach(),
+        weight=w,
+        sum_noisy=sum_noisy.detach(),
+        sum_clean=sum_clean.detach(),
+        n_noisy=n_noisy,
+        n_clean=n_clean,
+    )

@@ -1,0 +1,1 @@
+"""Training: LlamaFactory extension, stride curriculum, gated-LoRA training (see README)."""
