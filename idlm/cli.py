@@ -67,9 +67,10 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="idlm", description="Introspective Diffusion Language Models: convert, train, serve, evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     from idlm import __version__
+
+    parser = _Parser(prog="idlm", description="Introspective Diffusion Language Models: convert, train, serve, eval.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
     parser.add_argument("--version", action="version", version=f"idlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -14,13 +14,21 @@ Nothing here depends on LlamaFactory; the trainer in `idlm.training` calls `idlm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from idlm.config import IDLMConfig, ObjectiveConfig
 from idlm.losses import IGNORE_INDEX, linear_cross_entropy_sum
-from idlm.masks import SequenceLayout, additive_mask, compute_block_ids, dense_mask, flex_block_mask, positions_from_mask
+from idlm.masks import (
+    SequenceLayout,
+    additive_mask,
+    compute_block_ids,
+    dense_mask,
+    flex_block_mask,
+    positions_from_mask,
+)
 
 
 @dataclass
@@ -77,6 +85,24 @@ def count_targets(labels: torch.Tensor) -> tuple[int, int]:
     return int((noisy != IGNORE_INDEX).sum()), int((clean != IGNORE_INDEX).sum())
 
 
+def global_target_counts(micro_batch_labels: Sequence[torch.Tensor], group=None) -> tuple[int, int]:
+    """Normalisers for one optimizer step: (noisy, clean) target counts summed over this rank's micro-batches
+    and, when torch.distributed is initialised, all-reduced across the data-parallel ranks.
+
+    Each rank then calls `idlm_loss(..., num_noisy=, num_clean=)` per micro-batch and sums gradients; the
+    result is the gradient of the global-batch mean. Under DDP, which *averages* gradients over ranks,
+    multiply each rank's loss by the world size.
+    """
+    counts = torch.tensor([0, 0], dtype=torch.long)
+    for labels in micro_batch_labels:
+        counts += torch.tensor(count_targets(labels))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend_device = "cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu"
+        counts = counts.to(backend_device)
+        torch.distributed.all_reduce(counts, group=group)
+    return int(counts[0]), int(counts[1])
+
+
 def build_inputs(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -129,11 +155,11 @@ def idlm_hidden_states(model: torch.nn.Module, inputs: IDLMInputs) -> torch.Tens
 
 def clean_weight(cfg: ObjectiveConfig, ce_noisy: torch.Tensor, ce_clean: torch.Tensor) -> torch.Tensor:
     """w of CE_clean: alpha, or alpha * CE_noisy / CE_clean (detached) with auto-balance (0 when CE_clean is 0)."""
-    alpha = torch.tensor(cfg.alpha, dtype=torch.float32, device=ce_noisy.device)
+    alpha = torch.tensor(cfg.alpha, dtype=ce_noisy.dtype, device=ce_noisy.device)
     if not cfg.auto_balance:
         return alpha
-    n, c = ce_noisy.detach().float(), ce_clean.detach().float()
-    return torch.where(c > 0, alpha * n / c.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(c))
+    n, c = ce_noisy.detach(), ce_clean.detach()
+    return torch.where(c > 0, alpha * n / c.clamp(min=torch.finfo(c.dtype).tiny), torch.zeros_like(c))
 
 
 def idlm_loss(
@@ -174,7 +200,7 @@ def idlm_loss(
     if weight is None:
         w = clean_weight(cfg.objective, ce_noisy, ce_clean)
     else:
-        w = torch.as_tensor(weight, dtype=torch.float32, device=hidden.device).detach()
+        w = torch.as_tensor(weight, dtype=ce_noisy.dtype, device=hidden.device).detach()
     loss = ce_noisy + w * ce_clean
     return LossOutput(
         loss=loss,
