@@ -12,6 +12,10 @@ and padding keys are never seen (except by the padding query itself, so no row i
 The rule is written once (`attention_rule`) over per-index attribute tables and evaluated either
 densely (a boolean SDPA mask, for CPU and tests) or lazily as a flex_attention ``mask_mod`` (GPU),
 which never materialises a 2L x 2L tensor when the block mask is built compiled.
+
+The x_t half may be *compacted* to the K rows that can matter (``noisy_index``): rows whose block holds a
+supervised position. Other x_t rows are neither supervised nor visible to any supervised row, so dropping
+them changes no loss or gradient; the sequence shrinks from 2L to K + L.
 """
 
 from __future__ import annotations
@@ -92,20 +96,32 @@ def attention_rule(
     return (noisy_noisy | noisy_clean | clean_clean) & (k_valid | same_index)
 
 
-def _doubled_tables(layout: SequenceLayout) -> tuple[torch.Tensor, ...]:
-    """Attribute tables over the 2L concatenated indices: noisy [2L], pos/blk/valid [B, 2L]."""
-    L = layout.seq_len
+def _concat_tables(layout: SequenceLayout, noisy_index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Attribute tables over the concatenated indices [x_t rows | x_0 rows]: noisy [K + L], pos/blk/valid [B, K + L].
+
+    noisy_index: [B, K] original position of each x_t row (-1 = padding row); None = all L positions.
+    Padding x_t rows get block -1 and are invalid, so they see only themselves and nobody sees them.
+    """
+    B, L = layout.positions.shape
     device = layout.positions.device
-    noisy = torch.arange(2 * L, device=device) < L
-    pos = torch.cat([layout.positions, layout.positions], dim=1)
-    blk = torch.cat([layout.block_ids, layout.block_ids], dim=1)
-    valid = torch.cat([layout.valid, layout.valid], dim=1)
+    if noisy_index is None:
+        noisy_index = torch.arange(L, device=device).expand(B, L)
+    K = noisy_index.shape[1]
+    is_row = noisy_index >= 0
+    src = noisy_index.clamp(min=0)
+    pos_t = torch.where(is_row, layout.positions.gather(1, src), 0)
+    blk_t = torch.where(is_row, layout.block_ids.gather(1, src), -1)
+    valid_t = is_row & layout.valid.gather(1, src)
+    noisy = torch.arange(K + L, device=device) < K
+    pos = torch.cat([pos_t, layout.positions], dim=1)
+    blk = torch.cat([blk_t, layout.block_ids], dim=1)
+    valid = torch.cat([valid_t, layout.valid], dim=1)
     return noisy, pos, blk, valid
 
 
-def dense_mask(layout: SequenceLayout) -> torch.Tensor:
-    """Boolean mask [B, 1, 2L, 2L] (True = attend), for SDPA on CPU and for tests."""
-    noisy, pos, blk, valid = _doubled_tables(layout)
+def dense_mask(layout: SequenceLayout, noisy_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask [B, 1, K + L, K + L] (True = attend), for SDPA on CPU and for tests."""
+    noisy, pos, blk, valid = _concat_tables(layout, noisy_index)
     n = noisy.shape[0]
     idx = torch.arange(n, device=noisy.device)
     allowed = attention_rule(
@@ -116,9 +132,9 @@ def dense_mask(layout: SequenceLayout) -> torch.Tensor:
     return allowed[:, None]
 
 
-def flex_mask_mod(layout: SequenceLayout):
+def flex_mask_mod(layout: SequenceLayout, noisy_index: torch.Tensor | None = None):
     """A flex_attention ``mask_mod(b, h, q_idx, kv_idx)`` evaluating the rule from the attribute tables."""
-    noisy, pos, blk, valid = _doubled_tables(layout)
+    noisy, pos, blk, valid = _concat_tables(layout, noisy_index)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return attention_rule(
@@ -130,15 +146,17 @@ def flex_mask_mod(layout: SequenceLayout):
     return mask_mod
 
 
-def flex_block_mask(layout: SequenceLayout, compile_mask: bool | None = None):
-    """A flex_attention BlockMask for the rule. Compiled on CUDA so no dense 2L x 2L tensor is built."""
+def flex_block_mask(layout: SequenceLayout, noisy_index: torch.Tensor | None = None, compile_mask: bool | None = None):
+    """A flex_attention BlockMask for the rule. Compiled on CUDA so no dense (K + L)^2 tensor is built."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, L = layout.positions.shape
+    n = L + (L if noisy_index is None else noisy_index.shape[1])
     device = layout.positions.device
     if compile_mask is None:
         compile_mask = device.type == "cuda"
-    return create_block_mask(flex_mask_mod(layout), B, None, 2 * L, 2 * L, device=device, _compile=compile_mask)
+    mask_mod = flex_mask_mod(layout, noisy_index)
+    return create_block_mask(mask_mod, B, None, n, n, device=device, _compile=compile_mask)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,17 +33,19 @@ from idlm.masks import (
 
 @dataclass
 class IDLMInputs:
-    """Model inputs and targets for one micro-batch.
+    """Model inputs and targets for one micro-batch (K = number of x_t rows kept, L = row length).
 
-    input_ids:     [B, 2L] the concatenation [x_t | x_0].
-    position_ids:  [B, 2L] the same positions for both halves.
-    noisy_targets: [B, L] target of the x_t hidden state at i (token i+1 where i is masked and i+1 supervised).
+    input_ids:     [B, K + L] the concatenation [x_t rows | x_0].
+    position_ids:  [B, K + L] the x_t rows keep their original positions; x_0 is 0..L-1 over real tokens.
+    noisy_index:   [B, K] original position of each x_t row (-1 for padding rows).
+    noisy_targets: [B, K] target of each x_t row (token i+1 where i is masked and i+1 supervised).
     clean_targets: [B, L] target of the x_0 hidden state at i (label i+1: ordinary shifted SFT targets).
-    layout:        per-position attributes used by the attention rule.
+    layout:        per-position attributes of the rows, used by the attention rule.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
+    noisy_index: torch.Tensor
     noisy_targets: torch.Tensor
     clean_targets: torch.Tensor
     layout: SequenceLayout
@@ -51,6 +53,10 @@ class IDLMInputs:
     @property
     def seq_len(self) -> int:
         return self.layout.seq_len
+
+    @property
+    def num_noisy_rows(self) -> int:
+        return self.noisy_index.shape[1]
 
 
 @dataclass
@@ -103,6 +109,25 @@ def global_target_counts(micro_batch_labels: Sequence[torch.Tensor], group=None)
     return int(counts[0]), int(counts[1])
 
 
+def noisy_rows(layout: SequenceLayout, supervised: torch.Tensor, compact: bool = True) -> torch.Tensor:
+    """Which x_t rows to build: [B, K] original positions, -1 for padding.
+
+    compact=True keeps only rows whose mask block holds a supervised position (the other x_t rows are
+    unsupervised and invisible to supervised rows, so they cannot change the loss); False keeps all L.
+    """
+    B, L = supervised.shape
+    if not compact:
+        return torch.arange(L, device=supervised.device).expand(B, L).clone()
+    blk = layout.block_ids.clamp(0, L)
+    has_sup = torch.zeros(B, L + 1, dtype=torch.long, device=supervised.device)
+    has_sup.scatter_reduce_(1, blk, supervised.long(), reduce="amax")
+    keep = has_sup.gather(1, blk).bool() & layout.valid
+    counts = keep.sum(1, keepdim=True)
+    K = int(counts.max()) if B else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]  # kept positions first, in order
+    return torch.where(torch.arange(K, device=supervised.device) < counts, order, -1)
+
+
 def build_inputs(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -110,13 +135,16 @@ def build_inputs(
     block_size: int,
     attention_mask: torch.Tensor | None = None,
     block_align: str = "response",
+    compact: bool = True,
 ) -> IDLMInputs:
-    """Build [x_t | x_0], positions and targets from clean ids [B, L], labels [B, L] and padding mask [B, L]."""
+    """Build [x_t | x_0], positions and targets from clean ids [B, L], labels [B, L] and padding mask [B, L].
+
+    compact: drop the x_t rows that cannot affect the loss (see `noisy_rows`); exact, and cheaper.
+    """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     supervised = (labels != IGNORE_INDEX) & valid
-    x_t = torch.where(supervised, torch.full_like(input_ids, mask_token_id), input_ids)
     positions = positions_from_mask(valid)
     layout = SequenceLayout(
         positions=positions,
@@ -124,31 +152,38 @@ def build_inputs(
         valid=valid,
     )
     clean_targets = shift_targets(torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX)))
-    noisy_targets = torch.where(supervised, clean_targets, torch.full_like(clean_targets, IGNORE_INDEX))
+    index = noisy_rows(layout, supervised, compact)
+    is_row = index >= 0
+    src = index.clamp(min=0)
+    masked = supervised.gather(1, src) & is_row
+    x_t = torch.where(masked, mask_token_id, input_ids.gather(1, src))
+    noisy_targets = torch.where(masked, clean_targets.gather(1, src), IGNORE_INDEX)
+    pos_t = torch.where(is_row, positions.gather(1, src), 0)
     return IDLMInputs(
         input_ids=torch.cat([x_t, input_ids], dim=1),
-        position_ids=torch.cat([positions, positions], dim=1),
+        position_ids=torch.cat([pos_t, positions], dim=1),
+        noisy_index=index,
         noisy_targets=noisy_targets,
         clean_targets=clean_targets,
         layout=layout,
     )
 
 
-def attention_mask_for(model: torch.nn.Module, layout: SequenceLayout, dtype: torch.dtype | None = None):
+def attention_mask_for(model: torch.nn.Module, inputs: IDLMInputs, dtype: torch.dtype | None = None):
     """The rule in the form the model's attention implementation takes (bool, additive or BlockMask)."""
     impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if impl == "flex_attention":
-        return flex_block_mask(layout)
-    mask = dense_mask(layout)
+        return flex_block_mask(inputs.layout, inputs.noisy_index)
+    mask = dense_mask(inputs.layout, inputs.noisy_index)
     if impl == "sdpa":
         return mask
     return additive_mask(mask, dtype or next(model.parameters()).dtype)
 
 
 def idlm_hidden_states(model: torch.nn.Module, inputs: IDLMInputs) -> torch.Tensor:
-    """Final-norm hidden states [B, 2L, d] of an HF causal LM on [x_t | x_0] under the I-DLM rule."""
+    """Final-norm hidden states [B, K + L, d] of an HF causal LM on [x_t rows | x_0] under the I-DLM rule."""
     decoder = model.get_decoder()
-    mask = attention_mask_for(model, inputs.layout)
+    mask = attention_mask_for(model, inputs)
     out = decoder(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, use_cache=False)
     return out.last_hidden_state
 
@@ -172,6 +207,7 @@ def idlm_loss(
     num_clean: int | None = None,
     weight: torch.Tensor | float | None = None,
     chunk_size: int = 2048,
+    compact: bool = True,
 ) -> LossOutput:
     """CE_noisy + w * CE_clean for one micro-batch of an HF causal LM.
 
@@ -182,18 +218,18 @@ def idlm_loss(
         A trainer that accumulates should pass one weight for the whole optimizer step.
     """
     inputs = build_inputs(
-        input_ids, labels, cfg.mask_token_id, cfg.block_size, attention_mask, cfg.objective.block_align
+        input_ids, labels, cfg.mask_token_id, cfg.block_size, attention_mask, cfg.objective.block_align, compact
     )
     hidden = idlm_hidden_states(model, inputs)
-    L = inputs.seq_len
+    K = inputs.num_noisy_rows
     d = hidden.shape[-1]
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     sum_noisy, n_noisy = linear_cross_entropy_sum(
-        hidden[:, :L].reshape(-1, d), head.weight, inputs.noisy_targets.reshape(-1), bias, chunk_size
+        hidden[:, :K].reshape(-1, d), head.weight, inputs.noisy_targets.reshape(-1), bias, chunk_size
     )
     sum_clean, n_clean = linear_cross_entropy_sum(
-        hidden[:, L:].reshape(-1, d), head.weight, inputs.clean_targets.reshape(-1), bias, chunk_size
+        hidden[:, K:].reshape(-1, d), head.weight, inputs.clean_targets.reshape(-1), bias, chunk_size
     )
     ce_noisy = sum_noisy / max(num_noisy if num_noisy is not None else n_noisy, 1)
     ce_clean = sum_clean / max(num_clean if num_clean is not None else n_clean, 1)

