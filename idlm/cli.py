@@ -66,6 +66,122 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "sglang":
+        raise UserError("the SGLang engine is not available yet; use --engine native")
+    from idlm.inference.server import serve
+
+    serve(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        stride=args.stride,
+        lora=args.lora,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        log_level="info" if args.verbose else "warning",
+    )
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an I-DLM checkpoint over an OpenAI-compatible HTTP API",
+                       description="Serve an I-DLM checkpoint with introspective strided decoding (ISD) behind "
+                                   "OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, "
+                                   "/health. Concurrent requests are batched.")
+    p.add_argument("--model", required=True, help="I-DLM checkpoint directory (from `idlm convert` or `idlm train`)")
+    p.add_argument("--engine", default="native", choices=["native", "sglang"],
+                   help="native: the reference PyTorch ISD engine (default); sglang: not available yet")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--stride", type=int, default=None, help="N, tokens per ISD step (default: the checkpoint's)")
+    p.add_argument("--lora", default=None, help="LoRA adapter directory to apply to the model")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.set_defaults(func=_cmd_serve)
+
+
+SUBCOMMANDS.append(_add_serve)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    if args.stride is not None and args.stride < 1:
+        raise UserError(f"--stride must be >= 1 (1 = plain AR decoding), got {args.stride}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.device is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as exc:
+            raise UserError(f"bad --device {args.device!r}: {exc}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    from idlm.inference.engine import ISDEngine, SamplingParams, default_stop_token_ids, encode_prompt
+
+    engine = ISDEngine.from_pretrained(args.model, stride=args.stride, lora=args.lora, device=args.device,
+                                       dtype=args.dtype, max_batch_size=1)
+    tokenizer = engine.tokenizer
+    prompt_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop_token_ids=default_stop_token_ids(tokenizer, engine.model),
+                            seed=args.seed, draft_mode=args.draft_mode)
+    try:
+        out = engine.generate([prompt_ids], params)[0]
+    except ValueError as exc:  # the engine's checks of the request (empty prompt, too long, ...)
+        raise UserError(str(exc)) from exc
+    text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "tokens": out.token_ids, "tpf": out.tpf, "acceptance": out.acceptance,
+                          "forwards": out.forwards, "finish_reason": out.finish_reason,
+                          "prompt_tokens": out.prompt_tokens, "stride": engine.stride}))
+    else:
+        print(text)
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text for one prompt with ISD",
+                       description="Generate text for one prompt with introspective strided decoding (ISD) in the "
+                                   "reference engine: an I-DLM checkpoint, or a base AR model with a gated-LoRA "
+                                   "adapter (R-ISD, --lora), or any causal LM with --stride 1 (plain AR).")
+    p.add_argument("--model", required=True, help="I-DLM checkpoint (or, with --lora, base model) directory")
+    p.add_argument("--prompt", required=True, help="the user prompt")
+    p.add_argument("--stride", type=int, default=None,
+                   help="N, tokens per step (default: the checkpoint's or adapter's; 1 = plain AR decoding)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--lora", default=None, help="gated-LoRA adapter directory (R-ISD on a base model)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--draft-mode", default="sample", choices=["sample", "argmax", "paper_argmax"],
+                   help="how drafts are proposed: sample (exact, default), argmax (exact, deterministic drafts), "
+                        "paper_argmax (the paper's biased rule, for comparison only)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--no-chat-template", action="store_true", help="use the prompt as plain text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, tokens, tpf, acceptance (per draft position), forwards")
+    p.set_defaults(func=_cmd_generate)
+
+
+SUBCOMMANDS.append(_add_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idlm import __version__
 

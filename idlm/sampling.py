@@ -1,0 +1,89 @@
+"""Sampling primitives over batched tensors: logit processing and inverse-CDF sampling.
+
+Everything is a pure function of its inputs. Randomness comes in as uniforms drawn by the caller (one
+``torch.Generator`` per request), so a request's samples do not depend on which other requests share its batch.
+
+Shapes: ``B`` requests, ``V`` vocabulary rows, ``...`` any number of middle dimensions (e.g. draft slots).
+Per-request parameters are tensors of shape ``[B]`` (or Python scalars) and broadcast over the middle dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Param = torch.Tensor | float | int
+
+
+def _param(value: Param, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-request parameter as a tensor [B, 1, ..., 1] that broadcasts against ``like`` [B, ..., V]."""
+    t = torch.as_tensor(value, dtype=dtype, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(like.shape[0])
+    if t.shape != (like.shape[0],):
+        raise ValueError(f"per-request parameter must have shape [{like.shape[0]}], got {tuple(t.shape)}")
+    return t.view((like.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0) -> torch.Tensor:
+    """Turn raw logits into the sampling distribution of each row.
+
+    logits: [B, ..., V]. temperature, top_k, top_p: [B] per request (or scalars).
+    Returns probs [B, ..., V] in float32 (float64 when the logits are float64), each row summing to 1.
+
+    Order (as transformers' warpers): divide by the temperature, keep the ``top_k`` largest logits (``0`` = off;
+    ties with the k-th value are kept), softmax, then keep the smallest set of most likely tokens whose mass reaches
+    ``top_p`` (the most likely token always stays; ``top_p >= 1`` = off) and renormalise.
+    Rows with ``temperature <= 0`` become a one-hot at the argmax of the raw logits (greedy): with one-hot p and q
+    the ISD acceptance rules reduce exactly to greedy verification, so callers need no special case.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(dtype)
+    vocab = x.shape[-1]
+    temp = _param(temperature, x, dtype)
+    greedy = temp <= 0
+    x = x / torch.where(greedy, torch.ones_like(temp), temp)
+
+    k = _param(top_k, x, torch.long)
+    k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
+    if bool((k < vocab).any()):
+        top = torch.topk(x, int(k.max()), dim=-1).values  # [B, ..., k_max], sorted descending
+        kth = top.gather(-1, (k - 1).expand(*x.shape[:-1], 1))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+
+    p = _param(top_p, x, dtype)
+    if bool((p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = (mass_before >= p) & (p < 1)
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+
+    if bool(greedy.any()):
+        onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)
+        probs = torch.where(greedy, onehot, probs)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: token ids [B, ...] from probs [B, ..., V] and uniforms in [0, 1) of shape [B, ...].
+
+    Rows need not be normalised (they are scaled by their total). A token with zero mass is never returned.
+    The CDF is accumulated in float64 so that float32 rounding cannot push the draw past the last token.
+    """
+    cdf = probs.to(torch.float64).cumsum(-1)
+    target = uniforms.to(device=probs.device, dtype=torch.float64).unsqueeze(-1) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    # u * total can round up to total: fall back to the last token with positive mass.
+    vocab = probs.shape[-1]
+    last = vocab - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(idx, last)
+
+
+def normalize(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """weights [..., V] divided by their sum; rows with no positive mass are replaced by ``fallback`` [..., V]."""
+    total = weights.sum(-1, keepdim=True)
+    empty = total <= 0
+    return torch.where(empty, fallback, weights / torch.where(empty, torch.ones_like(total), total))

@@ -1,0 +1,662 @@
+"""`idlm serve`: an OpenAI-compatible HTTP server over the reference ISD engine.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
+(streaming as server-sent events, or one JSON response). Requests from concurrent clients are batched into
+the same engine steps by an ``EngineRunner`` (inference/runner.py) that owns the engine on one thread.
+
+Besides the OpenAI fields the server reads ``top_k`` and ``ignore_eos``, and adds to each response an ``idlm``
+object: ``tpf`` (tokens per forward), ``forwards`` and ``acceptance`` (the engine's per-position acceptance).
+Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from idlm.errors import UserError
+
+from .runner import EngineFailure, EngineRunner, RequestRejected, RequestStream
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP_STRINGS = 16
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _loc(parts: tuple | list) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _validation_message(err: dict) -> tuple[str, str | None]:
+    loc = [p for p in err.get("loc", ()) if p != "body"] if err.get("loc") else []
+    param = _loc(loc) or None
+    etype = err.get("type", "")
+    if etype == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    if etype == "missing":
+        return f"'{param}' is required", param
+    msg = err.get("msg", "invalid value")
+    got = err.get("input")
+    shown = json.dumps(got) if isinstance(got, str | int | float | bool) or got is None else type(got).__name__
+    return (f"'{param}': {msg} (got {shown})" if param else f"{msg} (got {shown})"), param
+
+
+# ---------------------------------------------------------------------------------------------- request bodies
+class _CommonRequest(BaseModel):
+    """Fields shared by chat and text completions. Strict types: a string is not a number."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension; -1 or 0 = off
+    seed: int | None = None
+    stop: Any = None  # string or list of strings, checked by hand for a clearer message
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = 1
+    ignore_eos: bool = False  # extension (as in vLLM)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: Any = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: list[Any]
+    tools: Any = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: Any
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+async def _read_body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise _bad("the request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise _bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, param = _validation_message(exc.errors()[0])
+        raise _bad(message, param=param) from None
+
+
+# ---------------------------------------------------------------------------------------------- text tracking
+class _TextTracker:
+    """Decodes the whole token list at each update and hands out the new suffix of the text.
+
+    Trailing U+FFFD (an incomplete multi-byte character) and a tail that could begin a stop string are held
+    back until they resolve, so the streamed pieces concatenate to exactly the final text.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.text = ""  # the final text so far (everything handed out)
+        self.sent = 0
+
+    def update(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
+        """(new text, stop string seen)."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        hit = None
+        for s in self.stop:
+            i = text.find(s, max(0, self.sent - len(s) + 1))
+            if i >= 0 and (hit is None or i < hit):
+                hit = i
+        if hit is not None:
+            end = max(hit, self.sent)
+        elif final:
+            end = len(text)
+        else:
+            end = len(text)
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+            hold = 0
+            for s in self.stop:
+                for k in range(min(len(s) - 1, end - self.sent), hold, -1):
+                    if text[end - k:end] == s[:k]:
+                        hold = k
+                        break
+            end -= hold
+        end = max(end, self.sent)
+        delta = text[self.sent:end]
+        self.text = self.text[:self.sent] + delta
+        self.sent = end
+        return delta, hit is not None
+
+
+# ---------------------------------------------------------------------------------------------- the app
+class _Server:
+    def __init__(self, runner: EngineRunner, model_name: str):
+        self.runner = runner
+        self.model_name = model_name
+        self.tokenizer = runner.tokenizer
+        self.created = int(time.time())
+        model = getattr(runner.engine, "model", None)
+        gen = getattr(model, "generation_config", None)
+        self.eos_ids = _eos_ids(self.tokenizer, model)
+        self.defaults = {k: getattr(gen, k, None) for k in ("temperature", "top_p", "top_k")}
+        config = getattr(model, "config", None)
+        vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+        self.vocab_size = int(vocab or len(self.tokenizer))
+        self.slack = _context_slack(runner.engine)
+
+    # ------------------------------------------------------------------ prompts
+    def chat_prompt(self, messages: list[Any]) -> list[int]:
+        if not messages:
+            raise _bad("'messages' must contain at least one message", param="messages")
+        clean = []
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise _bad(f"'{where}' must be an object with 'role' and 'content'", param=where)
+            role = m.get("role")
+            if role is None:
+                raise _bad(f"'{where}.role' is required", param=f"{where}.role")
+            if not isinstance(role, str) or role not in CHAT_ROLES:
+                raise _bad(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got {json.dumps(role)}",
+                           param=f"{where}.role")
+            content = m.get("content")
+            if content is None:
+                raise _bad(f"'{where}.content' is required", param=f"{where}.content")
+            if isinstance(content, list):
+                parts = []
+                for j, part in enumerate(content):
+                    is_text = isinstance(part, dict) and part.get("type") == "text"
+                    if not (is_text and isinstance(part.get("text"), str)):
+                        raise _bad(f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                                   "other content is not supported", param=f"{where}.content[{j}]")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            elif not isinstance(content, str):
+                raise _bad(f"'{where}.content' must be a string or a list of text parts, "
+                           f"got {type(content).__name__}", param=f"{where}.content")
+            clean.append({"role": role, "content": content})
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja raise_exception (e.g. roles must alternate) and template errors
+                raise _bad(f"the chat template rejected 'messages': {exc}", param="messages") from None
+            return list(tok.encode(text, add_special_tokens=False))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
+        return list(tok.encode(text, add_special_tokens=True))
+
+    def completion_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            if not prompt:
+                raise _bad("'prompt' is empty", param="prompt")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            for i, t in enumerate(prompt):
+                if not 0 <= t < self.vocab_size:
+                    raise _bad(f"'prompt[{i}]': token id {t} is outside the vocabulary (0..{self.vocab_size - 1})",
+                               param=f"prompt[{i}]")
+            return list(prompt)
+        if isinstance(prompt, list) and not prompt:
+            raise _bad("'prompt' is empty", param="prompt")
+        if isinstance(prompt, list) and all(isinstance(p, str | list) for p in prompt):
+            raise _bad(f"'prompt' holds {len(prompt)} prompts; only one prompt per request is supported",
+                       param="prompt")
+        raise _bad("'prompt' must be a string or a list of token ids", param="prompt")
+
+    # ------------------------------------------------------------------ sampling
+    def sampling(self, req: _CommonRequest, prompt_len: int, prompt_param: str, default_max: int | None):
+        from .engine import SamplingParams
+
+        if req.n != 1:
+            raise _bad(f"'n' must be 1 (one completion per request is supported), got {req.n}", param="n")
+        best_of = getattr(req, "best_of", None)
+        if best_of not in (None, 1):
+            raise _bad(f"'best_of' must be 1, got {best_of}", param="best_of")
+        if req.logprobs not in (None, False, 0):
+            raise _bad("'logprobs' is not supported by this server", param="logprobs")
+        if getattr(req, "echo", False):
+            raise _bad("'echo' is not supported by this server", param="echo")
+        if getattr(req, "suffix", None):
+            raise _bad("'suffix' is not supported by this server", param="suffix")
+        if getattr(req, "tools", None):
+            raise _bad("'tools' is not supported by this server", param="tools")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name) not in (None, 0, 0.0):
+                raise _bad(f"'{name}' is not supported by this server (only 0)", param=name)
+        ctx, slack = self.runner.max_context, self.slack
+        room = ctx - slack - prompt_len  # new tokens that still fit
+        if room < 1:
+            reserved = f", {slack} of them reserved for the ISD step rows" if slack else ""
+            raise _bad(f"the prompt is {prompt_len} tokens long, but the model's context ({ctx} positions{reserved}) "
+                       f"takes at most {ctx - slack - 1} prompt tokens", param=prompt_param,
+                       code="context_length_exceeded")
+        field, max_tokens = "max_tokens", req.max_tokens
+        if req.max_completion_tokens is not None:
+            field, max_tokens = "max_completion_tokens", req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = room if default_max is None else min(default_max, room)
+        elif max_tokens < 1:
+            raise _bad(f"'{field}' must be at least 1, got {max_tokens}", param=field)
+        elif max_tokens > room:
+            reserved = f", {slack} of them reserved for the ISD step rows" if slack else ""
+            raise _bad(f"'{field}' is {max_tokens}, but with the prompt's {prompt_len} tokens only {room} new tokens "
+                       f"fit in the model's context ({ctx} positions{reserved})", param=field,
+                       code="context_length_exceeded")
+        temperature = _pick(req.temperature, self.defaults["temperature"], 1.0)
+        if temperature < 0:
+            raise _bad(f"'temperature' must be >= 0, got {temperature}", param="temperature")
+        top_p = _pick(req.top_p, self.defaults["top_p"], 1.0)
+        if not 0 < top_p <= 1:
+            raise _bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+        top_k = _pick(req.top_k, self.defaults["top_k"], 0)
+        if top_k < -1:
+            raise _bad(f"'top_k' must be >= 0 (0 or -1 = off), got {top_k}", param="top_k")
+        stop = _stop_strings(req.stop)
+        params = SamplingParams(
+            max_new_tokens=int(max_tokens),
+            temperature=float(temperature),
+            top_k=max(int(top_k), 0),
+            top_p=float(top_p),
+            stop_token_ids=() if req.ignore_eos else self.eos_ids,
+            seed=req.seed,
+        )
+        return params, stop
+
+    # ------------------------------------------------------------------ running one request
+    async def submit(self, prompt_ids: list[int], params: Any, request_id: str) -> RequestStream:
+        try:
+            return await self.runner.submit(prompt_ids, params, request_id=request_id)
+        except RequestRejected as exc:
+            raise _bad(str(exc)) from None
+        except EngineFailure as exc:
+            raise APIError(500, str(exc), code="engine_error") from None
+
+    async def events(self, stream: RequestStream, stop: list[str]) -> AsyncIterator[tuple[str, str | None, Any]]:
+        """(new text, finish reason or None, latest RequestOutput); aborts the request when left early."""
+        tracker = _TextTracker(self.tokenizer, stop)
+        try:
+            async for out in stream:
+                delta, hit = tracker.update(out.token_ids, final=out.finished)
+                if hit:
+                    stream.abort()
+                    yield delta, "stop", out
+                    return
+                if out.finished:
+                    yield delta, out.finish_reason or "stop", out
+                    return
+                if delta:
+                    yield delta, None, out
+        finally:
+            stream.abort()  # no-op when it finished; frees the batch slot when the client went away
+
+    async def collect(self, stream: RequestStream, stop: list[str]) -> tuple[str, str, Any]:
+        """The whole completion: (text, finish reason, last RequestOutput)."""
+        text, reason, last = [], "stop", None
+        async for delta, fin, out in self.events(stream, stop):
+            text.append(delta)
+            last = out
+            if fin is not None:
+                reason = fin
+        return "".join(text), reason, last
+
+    async def respond(self, request: Request, req: _CommonRequest, prompt_ids: list[int], params: Any,
+                      stop: list[str], chat: bool) -> Any:
+        """Run one validated request: an SSE stream or one OpenAI response object.
+
+        Until the response starts, a client that disconnects (while its request waits for a batch slot or is
+        decoded) has its request aborted; once an SSE stream runs, Starlette cancels it on disconnect.
+        """
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        try:
+            stream = await _unless_disconnected(request, self.submit(prompt_ids, params, rid))
+        except _ClientGone:
+            return Response(status_code=499)
+        if not req.stream:
+            try:
+                text, reason, last = await _unless_disconnected(request, self.collect(stream, stop))
+            except _ClientGone:
+                stream.abort()
+                return Response(status_code=499)
+            except EngineFailure as exc:
+                raise APIError(500, str(exc), code="engine_error") from None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
+                      else {"index": 0, "text": text})
+            return {**base, "choices": [{**choice, "logprobs": None, "finish_reason": reason}],
+                    "usage": self.usage(len(prompt_ids), last), "idlm": _idlm_stats(last)}
+
+        events = self.events(stream, stop)
+        try:  # wait for the first output so that an engine failure can still answer 500
+            first = await _unless_disconnected(request, events.__anext__())
+        except _ClientGone:
+            stream.abort()
+            return Response(status_code=499)
+        except EngineFailure as exc:
+            raise APIError(500, str(exc), code="engine_error") from None
+        except BaseException:
+            stream.abort()
+            raise
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        if chat:
+            base["object"] = "chat.completion.chunk"
+
+        def chunk(text: str | None, finish: str | None, **extra) -> str:
+            if chat:
+                delta = {} if text is None else ({"content": text} if text != "" else {"role": "assistant",
+                                                                                       "content": ""})
+                choice = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "text": text or ""}
+            return _sse({**base, "choices": [{**choice, "logprobs": None, "finish_reason": finish}], **extra})
+
+        async def sse() -> AsyncIterator[str]:
+            last = None
+            try:
+                if chat:
+                    yield chunk("", None)
+                item = first
+                while item is not None:
+                    delta, fin, last = item
+                    if delta:
+                        yield chunk(delta, None)
+                    if fin is not None:
+                        yield chunk(None, fin, idlm=_idlm_stats(last))
+                        break
+                    item = await anext(events, None)
+            except EngineFailure as exc:
+                yield _sse(error_body(str(exc), "server_error", code="engine_error"))
+            finally:
+                stream.abort()  # no-op after the end; frees the batch slot when the client went away
+                await events.aclose()
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": self.usage(len(prompt_ids), last),
+                            "idlm": _idlm_stats(last)})
+            yield SSE_DONE
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    def usage(self, prompt_len: int, out: Any) -> dict:
+        completion = len(out.token_ids) if out is not None else 0
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """Await ``awaitable``; cancel it and raise _ClientGone if the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # a cancelled submit aborts its request; a cancelled collect aborts through events()
+    if not task.done() or task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+def _idlm_stats(out: Any) -> dict:
+    if out is None:
+        return {"tpf": 0.0, "forwards": 0, "acceptance": []}
+    return {"tpf": float(out.tpf), "forwards": int(out.forwards), "acceptance": [float(a) for a in out.acceptance]}
+
+
+def _context_slack(engine: Any) -> int:
+    """Positions the engine needs beyond prompt + new tokens: a step writes up to 2N - 1 rows past the committed
+    tokens (see ISDEngine.add_request)."""
+    stride = getattr(engine, "stride", None)
+    if not isinstance(stride, int) or stride < 1:
+        return 0
+    from idlm.isd import max_step_rows
+
+    return max_step_rows(stride) - 1
+
+
+def _pick(value, default, fallback):
+    if value is not None:
+        return value
+    return default if default is not None else fallback
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _bad("'stop' must be a string or a list of strings", param="stop")
+    if len(items) > MAX_STOP_STRINGS:
+        raise _bad(f"'stop' has {len(items)} strings; at most {MAX_STOP_STRINGS} are supported", param="stop")
+    if any(not s for s in items):
+        raise _bad("'stop' strings must not be empty", param="stop")
+    return list(items)
+
+
+def _eos_ids(tokenizer, model) -> tuple[int, ...]:
+    """Stop token ids: the tokenizer's eos, and the model's generation config and config eos ids."""
+    ids: list[int] = []
+    sources = (getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+               getattr(getattr(model, "config", None), "eos_token_id", None))
+    for value in sources:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return tuple(ids)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app over a started ``runner``; ``on_ready`` runs once the server starts up."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="idlm", summary="OpenAI-compatible I-DLM (ISD) server", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    srv = _Server(runner, model_name)
+    app.state.idlm = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        return _error_response(_bad(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"unknown route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    @app.get("/health")
+    async def health():
+        if not runner.is_alive():
+            return JSONResponse({"status": "error", "message": "the engine worker is not running"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": srv.created, "owned_by": "idlm",
+            "max_model_len": runner.max_context,
+        }]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await _read_body(request, ChatCompletionRequest)
+        prompt_ids = srv.chat_prompt(req.messages)
+        params, stop = srv.sampling(req, len(prompt_ids), "messages", None)
+        return await srv.respond(request, req, prompt_ids, params, stop, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await _read_body(request, CompletionRequest)
+        prompt_ids = srv.completion_prompt(req.prompt)
+        params, stop = srv.sampling(req, len(prompt_ids), "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return await srv.respond(request, req, prompt_ids, params, stop, chat=False)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- serve
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one. UserError when it cannot bind."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve host {host!r}: {exc}") from None
+    family, stype, proto, _, addr = infos[0]
+    sock = socket.socket(family, stype, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def server_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    stride: int | None = None,
+    lora: str | None = None,
+    device: str | None = None,
+    max_batch_size: int = 16,
+    served_model_name: str | None = None,
+    dtype: str = "auto",
+    log_level: str = "warning",
+) -> None:
+    """Load the checkpoint into the reference ISD engine and serve it until interrupted."""
+    import uvicorn
+
+    from .engine import ISDEngine
+
+    if max_batch_size < 1:
+        raise UserError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    sock = bind_socket(host, port)  # fail on a taken port before the (slow) model load
+    runner = None
+    try:
+        engine = ISDEngine.from_pretrained(model_dir, stride=stride, lora=lora, device=device, dtype=dtype,
+                                           max_batch_size=max_batch_size)
+        runner = EngineRunner(engine, max_batch_size=max_batch_size).start()
+        name = served_model_name or Path(model_dir.rstrip("/")).name or model_dir
+        url = server_url(sock)
+
+        def ready() -> None:
+            print(f"idlm serve: {name} ready at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+
+        app = create_app(runner, name, on_ready=ready)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if runner is not None:
+            runner.stop()
+        sock.close()
