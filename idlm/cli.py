@@ -182,6 +182,70 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS.append(_add_generate)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from idlm.training.launch import run_recipe
+
+    return run_recipe(args.recipe, args.overrides, dry_run=args.dry_run)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an I-DLM from a recipe (LlamaFactory + DeepSpeed, stride curriculum)",
+                       description="Run a training recipe (a LlamaFactory-style YAML file plus I-DLM keys: stride, "
+                                   "alpha, auto_balance, stages, finetuning: gated_lora, ...). Stages run in order, "
+                                   "each from the previous stage's weights; rerunning the same command after a kill "
+                                   "skips finished stages and resumes the current one from its last checkpoint. "
+                                   "Ranks: NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, LAUNCHER "
+                                   "(torchrun or deepspeed). See docs/training.md.")
+    p.add_argument("recipe", help="recipe YAML file (e.g. configs/train/qwen3_8b_idlm.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override recipe keys (values read as YAML); stages.I.key=value sets a key of stage I")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan as JSON and exit")
+    p.set_defaults(func=_cmd_train)
+
+
+SUBCOMMANDS.append(_add_train)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from idlm.training.bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    # `idlm bench` groups benchmarks; other parts add their own sub-subcommands to BENCH_SUBCOMMANDS.
+    p = sub.add_parser("bench", help="benchmarks (train: training-step throughput of the objective vs AR SFT)")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
+    for add in BENCH_SUBCOMMANDS:
+        add(bench_sub)
+    p.set_defaults(func=lambda a: (p.print_help(), EXIT_USAGE)[1])
+
+
+def _add_bench_train(sub: argparse._SubParsersAction) -> None:
+    from idlm.training.bench import add_bench_arguments
+
+    p = sub.add_parser("train", help="time one training step of the objective against one AR SFT step",
+                       description="Time training steps of the [x_t | x_0] objective and of plain AR SFT (stock HF "
+                                   "loss) on the same model and batch, in one run; report tokens/s and MFU.")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench_train)
+
+
+BENCH_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench_train]
+SUBCOMMANDS.append(_add_bench)
+
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    # `idlm eval`, `idlm data fetch|list`, `idlm tables`: the evaluation harness (eval/cli.py)
+    from idlm.eval.cli import add_data, add_eval, add_tables
+
+    for add in (add_eval, add_data, add_tables):
+        add(sub)
+
+
+SUBCOMMANDS.append(_add_eval_commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idlm import __version__
 

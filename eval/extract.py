@@ -1,0 +1,204 @@
+"""Answer extraction from model responses: thinking, multiple-choice letters, \\boxed{} answers, code blocks.
+
+The paper's scripts read ``message.content`` of a Qwen3 thinking-mode response (``<think>...</think>answer``)
+and strip the thinking themselves, some up to the FIRST ``</think>`` (multiple choice, AIME, MathBench), some up
+to the LAST (MATH-500, IFEval, HumanEval, MBPP); see notes/anchor-eval.md. Both are here.
+"""
+
+from __future__ import annotations
+
+import re
+
+THINK_END = "</think>"
+MC_TAIL_CHARS = 500  # the anchor's multiple-choice scripts read only this tail of an unfinished (no </think>) answer
+
+
+# ---------------------------------------------------------------------------------------------- thinking
+def strip_thinking_first(text: str | None) -> str:
+    """Everything after the FIRST ``</think>`` (and following whitespace); the text itself when there is none."""
+    if not text:
+        return ""
+    i = text.find(THINK_END)
+    return text if i < 0 else text[i + len(THINK_END):].lstrip()
+
+
+def strip_thinking_last(text: str | None) -> str:
+    """Everything after the LAST ``</think>`` (and following whitespace); the text itself when there is none."""
+    if not text:
+        return ""
+    i = text.rfind(THINK_END)
+    return text if i < 0 else text[i + len(THINK_END):].lstrip()
+
+
+def mc_answer_region(text: str | None) -> str:
+    """The part the multiple-choice extractors read: after the first ``</think>``, else the last 500 characters."""
+    if not text:
+        return ""
+    if THINK_END in text:
+        return strip_thinking_first(text)
+    return text[-MC_TAIL_CHARS:]
+
+
+# ---------------------------------------------------------------------------------------------- \boxed{}
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), in order."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            c = text[i]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+            i += 1
+        if depth == 0:
+            out.append(text[m.end():i - 1])
+    # "\boxed 5" (no braces) also occurs
+    for m in re.finditer(r"\\boxed\s+([^\s{$]+)", text):
+        out.append(m.group(1))
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """The last ``\\boxed{}`` content by position in the text."""
+    best, best_pos = None, -1
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0 and m.start() > best_pos:
+            best, best_pos = text[m.end():i - 1], m.start()
+    for m in re.finditer(r"\\boxed\s+([^\s{$]+)", text):
+        if m.start() > best_pos:
+            best, best_pos = m.group(1), m.start()
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- multiple choice
+def _letters(n: int) -> str:
+    return "ABCDEFGHIJKLMNOP"[:n]
+
+
+def _clean_box(content: str) -> str:
+    s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|textit)\s*\{([^{}]*)\}", r"\1", content)
+    return s.replace("$", "").strip()
+
+
+def extract_choice(text: str | None, n_options: int = 4, style: str = "answer_is") -> str | None:
+    """The chosen option letter, or None.
+
+    ``style`` picks the first pattern, as the benchmark's prompt asks for it: ``answer_is`` ("The answer is (X)",
+    ARC/MMLU/MMLU-Pro), ``answer_colon`` ("ANSWER: X", GPQA), ``option`` ("the correct answer is option X",
+    MathBench). Then, in order: other "answer is/answer:" forms, ``\\boxed{X}``, a trailing ``**X**`` / ``(X)``,
+    a last line "X." / "X)", a final "Answer: X".
+
+    Unlike the anchor's regexes, a letter must stand alone (upper case, or lower case inside parentheses), so
+    "the answer is a bit unclear" or ``\\boxed{\\text{B}}`` cannot be read as A or E.
+    """
+    region = mc_answer_region(text)
+    if not region:
+        return None
+    L = _letters(n_options)
+    cls = f"[{L}]"
+    letter = rf"(?:\(({cls}|[{L.lower()}])\)|({cls}))(?![A-Za-z0-9])"  # (X) | (x) | X, standing alone
+    bold = r"\*{0,2}"
+
+    def pick(m: re.Match | None) -> str | None:
+        if not m:
+            return None
+        g = next((x for x in m.groups() if x), None)
+        return g.upper() if g else None
+
+    patterns: list[str] = []
+    if style == "answer_colon":
+        patterns.append(rf"ANSWER\s*:\s*{bold}\s*{letter}")
+    if style == "option":
+        patterns.append(rf"(?i:correct\s+answer\s+is)\s*:?\s*{bold}\s*(?i:option)?\s*{bold}\s*{letter}")
+    patterns += [
+        rf"(?i:answer\s+is)\s*:?\s*{bold}\s*(?i:option\s+)?{bold}\s*{letter}",
+        rf"(?i:answer)\s*{bold}\s*:\s*{bold}\s*(?i:option\s+)?{letter}",
+    ]
+    for p in patterns:
+        m = pick(re.search(p, region))
+        if m:
+            return m
+    for content in boxed_contents(region):
+        c = _clean_box(content)
+        m = re.fullmatch(rf"\(?({cls})\)?(?:[.):]\s*.*)?", c, flags=re.S)
+        if m:
+            return m.group(1)
+    tail = region.strip()
+    m = re.search(rf"(?:\*\*\(?({cls})\)?\*\*|\(({cls})\))\s*[.\s]*$", tail)
+    if m:
+        return (m.group(1) or m.group(2)).upper()
+    lines = re.findall(rf"(?m)^\s*\(?({cls})[.)]\s*$", region)
+    if lines:
+        return lines[-1]
+    m = re.search(rf"^\s*{bold}({cls}){bold}\s*\.?\s*$", tail)
+    if m:
+        return m.group(1)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- code blocks
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+\-]*)[^\n]*\n(.*?)```", re.S)
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language tag, code) of every closed fenced block, in order."""
+    return [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(text or "")]
+
+
+def first_code_block(text: str) -> str | None:
+    blocks = code_blocks(text)
+    return blocks[0][1] if blocks else None
+
+
+def extract_mbpp_code(response: str) -> str:
+    """After the last ``</think>``: the LAST ```python block that defines a function, else the last block, else
+    an unclosed block's code, else the text itself."""
+    text = strip_thinking_last(response)
+    blocks = code_blocks(text)
+    py = [c for lang, c in blocks if lang in ("python", "py", "python3")]
+    for c in reversed(py):
+        if "def " in c:
+            return c
+    for _, c in reversed(blocks):
+        if "def " in c:
+            return c
+    if blocks:
+        return blocks[-1][1]
+    m = re.search(r"```[ \t]*(?:python|py|python3)?[^\n]*\n(.*)$", text, re.S)  # unclosed (truncated) block
+    if m:
+        return m.group(1)
+    return text
+
+
+def extract_humaneval_code(response: str, entry_point: str | None = None) -> str:
+    """After the last ``</think>``: the FIRST fenced block (the anchor's ``humaneval_postprocess_v2``), else the text.
+
+    Leading non-ASCII characters are dropped. The code is left-stripped only when it starts a definition/import at
+    column 0, so a body-only completion keeps its indentation (the anchor's ``.lstrip()`` would break its first
+    line)."""
+    text = strip_thinking_last(response)
+    text = re.sub(r"^[^\x00-\x7f]+", "", text)
+    code = first_code_block(text)
+    if code is None:
+        m = re.search(r"```[ \t]*(?:python|py|python3)?[^\n]*\n(.*)$", text, re.S)
+        code = m.group(1) if m else text
+    stripped = code.lstrip("\n")
+    if re.match(r"\s*(def |from |import |class |@)", stripped):
+        return stripped.lstrip()
+    return stripped
+
+
+def extract_lcb_code(response: str) -> str:
+    """LiveCodeBench: after the last ``</think>``, the code between the last two lines that contain a fence."""
+    text = strip_thinking_last(response)
+    lines = text.split("\n")
+    fences = [i for i, line in enumerate(lines) if "```" in line]
+    if len(fences) < 2:
+        return ""
+    return "\n".join(lines[fences[-2] + 1:fences[-1]])
