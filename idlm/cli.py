@@ -66,9 +66,40 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
 
 
+def _cmd_serve_sglang(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+    import subprocess
+
+    from idlm.inference.sglang_isd.config import build_launch_command
+
+    if args.lora:
+        raise UserError("R-ISD (--lora) is not available with --engine sglang yet; use --engine native")
+    if args.stride is not None and args.stride < 2:
+        raise UserError(f"--stride must be >= 2 for ISD under SGLang, got {args.stride}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    extra = ["--max-running-requests", str(args.max_batch_size)]
+    if args.served_model_name:
+        extra += ["--served-model-name", args.served_model_name]
+    if args.dtype != "auto":
+        extra += ["--dtype", args.dtype]
+    extra += shlex.split(args.sglang_args or "")
+    argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port, python=sys.executable,
+                                     draft_mode=args.draft_mode, extra=extra)
+    if args.print_command:
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv))
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        raise UserError("sglang is not installed in this environment (pip install 'idlm[serve]')")
+    return subprocess.call(argv, env={**os.environ, **env})
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "sglang":
-        raise UserError("the SGLang engine is not available yet; use --engine native")
+        return _cmd_serve_sglang(args)
     from idlm.inference.server import serve
 
     serve(
@@ -93,7 +124,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "/health. Concurrent requests are batched.")
     p.add_argument("--model", required=True, help="I-DLM checkpoint directory (from `idlm convert` or `idlm train`)")
     p.add_argument("--engine", default="native", choices=["native", "sglang"],
-                   help="native: the reference PyTorch ISD engine (default); sglang: not available yet")
+                   help="native: the reference PyTorch ISD engine (default); sglang: SGLang with the ISD worker "
+                        "(needs the serve extra and a CUDA GPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--stride", type=int, default=None, help="N, tokens per ISD step (default: the checkpoint's)")
@@ -102,6 +134,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--draft-mode", default="argmax", choices=["argmax", "sample"],
+                   help="sglang engine: how sampled requests draft (both exact; default argmax)")
+    p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
+    p.add_argument("--print-command", action="store_true", help="sglang engine: print the launch command and exit")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -1,0 +1,259 @@
+"""Settings of ISD under SGLang, the paper-style YAML, server-argument checks and the launch command line.
+
+Nothing here imports SGLang: the functions take SGLang's ``ServerArgs`` duck-typed (any object with the same
+attributes), so they are tested on CPU with a namespace.
+
+How the stride reaches the worker: SGLang sizes KV reservation and CUDA graphs by
+``--speculative-num-draft-tokens``, which for ISD is the step width 2N - 1. The worker derives N from it. The draft
+mode and the seed travel in the environment variable ``IDLM_ISD_CONFIG`` (JSON), which SGLang's scheduler processes
+inherit from the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from idlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.15"  # the version whose internals this package was written against (pyproject pins it)
+ALGORITHM_NAME = "ISD"  # --speculative-algorithm ISD
+PAPER_ALGORITHM_NAME = "IDLMBlockN"  # --dllm-algorithm IDLMBlockN (the paper's spelling, translated)
+ENV_CONFIG = "IDLM_ISD_CONFIG"
+DRAFT_MODES = ("argmax", "sample")  # both exact; "paper_argmax" (biased) is not offered for serving
+SUPPORTED_ATTENTION_BACKENDS = ("triton", "flashinfer", "fa3")
+
+# Paper YAML keys that only tuned its server-wide sampling or logging: sampling now comes from each request.
+_PAPER_IGNORED_KEYS = ("temperature", "top_k", "top_p", "confidence_threshold", "stats_file", "rounds_file",
+                       "draft_conf_file", "causal_prefill", "verify_num_specs")
+# Paper YAML keys that would make the output differ from the AR distribution: refused unless at their exact value.
+_PAPER_EXACT_VALUES = {"use_spec_verify": True, "verify_alpha": 1.0, "fast_verify": False, "output_correction": False,
+                       "confidence_accept_threshold": 0.0, "conditional_lora": False}
+
+
+@dataclass
+class ISDServeConfig:
+    """ISD settings of one server.
+
+    stride: N, tokens per step (>= 2); each decode forward reads 2N - 1 rows per request.
+    draft_mode: how sampled requests propose drafts from the MASK rows: "argmax" (exact rule: accept with p(x*),
+        else sample from p without x*; needs no stored q) or "sample" (x ~ q, min(1, p/q) with residual; keeps each
+        request's q of shape [N - 1, V] on the GPU). Greedy requests always verify by argmax (exact greedy AR).
+    seed: seeds the worker's GPU generator for acceptance and sampling uniforms.
+    """
+
+    stride: int
+    draft_mode: str = "argmax"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 2:
+            raise UserError(f"ISD stride must be an integer >= 2, got {self.stride!r}")
+        if self.draft_mode not in DRAFT_MODES:
+            raise UserError(f"ISD draft_mode must be one of {', '.join(DRAFT_MODES)}, got {self.draft_mode!r}")
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Rows per request per decode forward: [pending, N - 1 drafts, N - 1 MASK] = 2N - 1."""
+        return 2 * self.stride - 1
+
+    @staticmethod
+    def stride_from_num_draft_tokens(rows: int) -> int:
+        if rows < 3 or rows % 2 == 0:
+            raise UserError(f"ISD needs --speculative-num-draft-tokens = 2N - 1 (odd, >= 3), got {rows}")
+        return (rows + 1) // 2
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, stride: int | None = None) -> ISDServeConfig | None:
+        """The config the launcher put in ``IDLM_ISD_CONFIG`` (None when unset); ``stride`` overrides its stride."""
+        raw = os.environ.get(ENV_CONFIG)
+        if not raw:
+            return cls(stride) if stride is not None else None
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{ENV_CONFIG} is not valid JSON: {exc}") from None
+        if stride is not None:
+            data["stride"] = stride
+        return cls(**data)
+
+
+def load_isd_yaml(path: str | Path) -> ISDServeConfig:
+    """Read an ISD algorithm YAML (configs/inference/idlm_blockN*.yaml).
+
+    Keys: ``stride`` (or the paper's ``gen_block_size``), ``block_size`` (the paper's SGLang block; must be 2N - 1
+    when given), ``draft_mode``, ``seed``. The paper's sampling and logging keys are accepted and ignored (sampling
+    comes from each request); its inexact switches are refused unless they hold their exact value.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"ISD config {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse {p}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p} must hold a mapping of keys, got {type(data).__name__}")
+    data = dict(data)
+    stride = data.pop("stride", None)
+    gen = data.pop("gen_block_size", None)
+    if stride is not None and gen is not None and stride != gen:
+        raise UserError(f"{p}: stride ({stride}) and gen_block_size ({gen}) disagree")
+    stride = stride if stride is not None else gen
+    if stride is None:
+        raise UserError(f"{p}: set 'stride' (or the paper's 'gen_block_size')")
+    block = data.pop("block_size", None)
+    if block is not None and block != 2 * stride - 1:
+        raise UserError(f"{p}: block_size must be 2N - 1 = {2 * stride - 1} for stride {stride}, got {block}")
+    kwargs: dict[str, Any] = {}
+    for key in ("draft_mode", "seed"):
+        if key in data:
+            kwargs[key] = data.pop(key)
+    for key, exact in _PAPER_EXACT_VALUES.items():
+        if key in data:
+            value = data.pop(key)
+            if value != exact:
+                raise UserError(f"{p}: {key}={value!r} makes the output differ from the AR distribution; "
+                                f"only {key}={exact!r} is supported")
+    ignored = [k for k in _PAPER_IGNORED_KEYS if data.pop(k, None) is not None]
+    if ignored:
+        log.warning("%s: ignoring %s (sampling settings come from each request)", p, ", ".join(ignored))
+    if data:
+        raise UserError(f"{p}: unknown keys {', '.join(sorted(data))}")
+    return ISDServeConfig(stride=int(stride), **kwargs)
+
+
+def read_idlm_block(model_path: str | None) -> dict | None:
+    """The ``idlm`` block of a local checkpoint's config.json (None for hub ids or plain models)."""
+    if not model_path:
+        return None
+    cfg = Path(model_path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        block = json.loads(cfg.read_text()).get("idlm")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return block if isinstance(block, dict) else None
+
+
+def mask_token_id_of(hf_config: Any, model_path: str | None = None) -> int:
+    """The MASK input id of an I-DLM checkpoint served by SGLang (its config's ``idlm`` block)."""
+    block = getattr(hf_config, "idlm", None)
+    if not isinstance(block, dict):
+        block = read_idlm_block(model_path)
+    if not isinstance(block, dict) or "mask_token_id" not in block:
+        raise UserError(f"{model_path or 'the model'} is not an I-DLM checkpoint (config.json has no 'idlm' block with "
+                        "mask_token_id); convert it with `idlm convert`")
+    return int(block["mask_token_id"])
+
+
+def translate_dllm_args(args: Any) -> bool:
+    """Rewrite the paper's ``--dllm-algorithm IDLMBlockN --dllm-algorithm-config Y`` into ``--speculative-algorithm
+    ISD`` in place (before SGLang resolves its arguments). Returns True when it did."""
+    algo = getattr(args, "dllm_algorithm", None)
+    if algo is None or not str(algo).startswith("IDLMBlockN"):
+        return False
+    if algo != PAPER_ALGORITHM_NAME:
+        raise UserError(f"--dllm-algorithm {algo} is not supported; use {PAPER_ALGORITHM_NAME} (exact ISD)")
+    path = getattr(args, "dllm_algorithm_config", None)
+    if not path:
+        raise UserError(f"--dllm-algorithm {PAPER_ALGORITHM_NAME} needs --dllm-algorithm-config "
+                        "(e.g. configs/inference/idlm_blockN4.yaml)")
+    if getattr(args, "speculative_algorithm", None) not in (None, ALGORITHM_NAME):
+        raise UserError(f"--dllm-algorithm {PAPER_ALGORITHM_NAME} cannot be combined with "
+                        f"--speculative-algorithm {args.speculative_algorithm}")
+    cfg = load_isd_yaml(path)
+    os.environ[ENV_CONFIG] = cfg.to_env()
+    args.speculative_algorithm = ALGORITHM_NAME
+    args.speculative_num_draft_tokens = cfg.num_draft_tokens
+    args.dllm_algorithm = None
+    args.dllm_algorithm_config = None
+    log.info("translated --dllm-algorithm %s (%s) into --speculative-algorithm %s, stride %d",
+             PAPER_ALGORITHM_NAME, path, ALGORITHM_NAME, cfg.stride)
+    return True
+
+
+def validate_server_args(args: Any) -> None:
+    """SGLang's ``validate_server_args`` hook for ISD: fix the spec settings ISD needs and refuse what it cannot do.
+
+    Mutates ``args``: speculative_num_draft_tokens = 2N - 1 (N from the env config, else the checkpoint's ``idlm``
+    block), speculative_num_steps = speculative_eagle_topk = 1, overlap scheduling and mixed chunks off.
+    """
+    rows = getattr(args, "speculative_num_draft_tokens", None)
+    if rows is None:
+        cfg = ISDServeConfig.from_env()
+        if cfg is None:
+            block = read_idlm_block(getattr(args, "model_path", None))
+            if not block or "stride" not in block:
+                raise UserError("ISD: set --speculative-num-draft-tokens 2N-1 (e.g. 7 for N = 4), or serve an I-DLM "
+                                "checkpoint whose config.json idlm block has a stride")
+            cfg = ISDServeConfig(int(block["stride"]))
+        args.speculative_num_draft_tokens = cfg.num_draft_tokens
+    else:
+        ISDServeConfig.stride_from_num_draft_tokens(int(rows))
+    if getattr(args, "speculative_draft_model_path", None):
+        raise UserError("ISD drafts with the served model itself; drop --speculative-draft-model-path")
+    if getattr(args, "enable_lora", False) or getattr(args, "lora_paths", None):
+        raise UserError("R-ISD (gated LoRA) is not available under SGLang yet; use `idlm serve --engine native "
+                        "--lora DIR` (see docs/serving.md)")
+    if getattr(args, "pp_size", 1) != 1:
+        raise UserError("ISD under SGLang supports pipeline parallel size 1 only")
+    if getattr(args, "enable_dp_attention", False):
+        raise UserError("ISD under SGLang does not support --enable-dp-attention")
+    if getattr(args, "disaggregation_mode", "null") not in (None, "null"):
+        raise UserError("ISD under SGLang does not support prefill/decode disaggregation")
+    backend = getattr(args, "attention_backend", None)
+    if backend is not None and backend not in SUPPORTED_ATTENTION_BACKENDS:
+        names = ", ".join(SUPPORTED_ATTENTION_BACKENDS)
+        raise UserError(f"ISD needs an attention backend with causal TARGET_VERIFY ({names}), got {backend}")
+    if getattr(args, "speculative_adaptive", False):
+        raise UserError("ISD has a fixed step width; drop --speculative-adaptive")
+    args.speculative_num_steps = 1
+    args.speculative_eagle_topk = 1
+    if not getattr(args, "disable_overlap_schedule", False):
+        log.info("ISD: overlap scheduling off (each step needs the previous step's drafts)")
+    args.disable_overlap_schedule = True
+    args.enable_mixed_chunk = False
+
+
+def build_launch_command(
+    model: str,
+    stride: int | None,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    python: str = "python3",
+    draft_mode: str = "argmax",
+    extra: list[str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) that start SGLang with ISD on ``model``.
+
+    stride None takes the checkpoint's. The flags that were seen working on an H100 with the offline SGLang bundle
+    (triton attention, pytorch sampling, no grammar backend) are the defaults; ``extra`` is appended verbatim, so a
+    later flag overrides them.
+    """
+    block = read_idlm_block(model)
+    if stride is None:
+        if not block or "stride" not in block:
+            raise UserError(f"{model}: no stride in its idlm block; pass --stride N")
+        stride = int(block["stride"])
+    elif block is None and Path(model).is_dir():
+        raise UserError(f"{model} is not an I-DLM checkpoint (no 'idlm' block in config.json): convert it with "
+                        "`idlm convert`")
+    cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
+    argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
+            "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
+            "--disable-overlap-schedule", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+            "--grammar-backend", "none"]
+    return argv + list(extra or []), {ENV_CONFIG: cfg.to_env()}

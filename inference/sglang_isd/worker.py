@@ -1,0 +1,200 @@
+"""`ISDWorker`: ISD as a single-model speculative worker of SGLang 0.5.15 (spec-V2 schema, non-overlap scheduling).
+
+SGLang's scheduler drives it like its built-in NGRAM worker (the template: one model, no draft model, drafts that
+come from outside the verify forward):
+
+* extend (prefill) batches run the plain target forward; SGLang's sampler draws the first token from the AR
+  distribution with the request's settings; the worker records it as the slot's pending token (cold start next);
+* decode batches become one ``TARGET_VERIFY`` forward of R = 2N - 1 rows per request,
+  ``[pending, drafts, MASK ...]`` at positions ``seq_len ..``, written to the KV slots SGLang reserved past the
+  frontier (``eagle_prepare_for_decode`` reserves them, as for NGRAM); attention is plain causal over the committed
+  prefix plus the step rows (no custom mask), the shape SGLang captures CUDA graphs for
+  (``speculative_num_draft_tokens`` rows per request);
+* verification and the next drafts come from `ISDStateTable` (the core `idlm.isd` functions); the result carries
+  ``accept_lens`` and ``new_seq_lens``, so the scheduler commits exactly pending + accepted drafts and emits the
+  accepted drafts plus the correction/bonus token. Rejected drafts' and MASK rows' KV sits past the frontier and is
+  overwritten next step: no KV of a MASK row is ever attended to by a committed token.
+
+Sampling settings come from each request (``batch.sampling_info``). Not applied by ISD: penalties, min_p, logit
+bias, grammars, logprobs (the worker warns once when a batch asks for them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.managers.schedule_batch import ScheduleBatch
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
+from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_locs_func
+
+from .config import ISDServeConfig, mask_token_id_of
+from .stepper import ISDStateTable, SamplingView
+
+log = logging.getLogger(__name__)
+
+
+class ISDVerifyInput(SpecInput):
+    """What the attention backend and the CUDA-graph runner read of an ISD verify step.
+
+    ``custom_mask`` is None: the backends then run causal attention over [prefix | step rows], which is ISD's mask.
+    Between steps the object only carries shapes: the per-request state lives in the worker's `ISDStateTable`,
+    indexed by req-pool slot, so filtering and merging batches needs no bookkeeping here.
+    """
+
+    def __init__(self, draft_token_num: int, positions: torch.Tensor | None = None,
+                 draft_token: torch.Tensor | None = None):
+        # NGRAM_VERIFY: a verify input of a single-model algorithm without hidden-state capture (the backends treat
+        # it generically; only flashinfer special-cases DFLASH_VERIFY).
+        super().__init__(SpecInputType.NGRAM_VERIFY)
+        self.draft_token_num = draft_token_num
+        self.positions = positions
+        self.draft_token = draft_token
+        self.custom_mask = None
+        self.capture_hidden_mode = CaptureHiddenMode.NULL
+        self.future_indices = None
+        self.grammar = None
+
+    def get_spec_adjust_token_coefficient(self) -> tuple[int, int]:
+        return self.draft_token_num, self.draft_token_num
+
+    def filter_batch(self, new_indices: torch.Tensor, has_been_filtered: bool = True) -> None:
+        pass  # state is indexed by req-pool slot, not by batch position
+
+    def merge_batch(self, spec_info: ISDVerifyInput) -> None:
+        pass
+
+
+class ISDWorker(BaseSpecWorker):
+    """The worker SGLang's scheduler builds from ``--speculative-algorithm ISD`` (see `plugin.register`)."""
+
+    def __init__(self, server_args, gpu_id: int, tp_rank: int, dp_rank: int | None, moe_ep_rank: int,
+                 attn_cp_rank: int, moe_dp_rank: int, nccl_port: int, target_worker):
+        if not server_args.disable_overlap_schedule:
+            raise RuntimeError("ISD needs --disable-overlap-schedule (the validator sets it; was it bypassed?)")
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.model_runner = target_worker.model_runner
+        self.device = self.model_runner.device
+        self.rows = int(server_args.speculative_num_draft_tokens)
+        stride = ISDServeConfig.stride_from_num_draft_tokens(self.rows)
+        self.cfg = ISDServeConfig.from_env(stride=stride)
+        self.mask_token_id = mask_token_id_of(self.model_runner.model_config.hf_config, server_args.model_path)
+        self.vocab_size = self.model_runner.model_config.vocab_size
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise RuntimeError(f"ISD: mask token id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
+        self.state: ISDStateTable | None = None  # built in alloc_memory_pool, once the req pool exists
+        self._warned: set[str] = set()
+        log.info("ISD worker: stride %d (%d rows per request per step), mask id %d, draft mode %s",
+                 stride, self.rows, self.mask_token_id, self.cfg.draft_mode)
+
+    # -- BaseSpecWorker -------------------------------------------------------------------------------------------
+
+    @property
+    def target_worker(self):
+        return self._target_worker
+
+    @property
+    def draft_worker(self):
+        return None  # no draft model: the MASK rows of the verify forward draft
+
+    def alloc_memory_pool(self, **kwargs) -> None:
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+        size = self.req_to_token_pool.req_to_token.shape[0]
+        self.state = ISDStateTable(size, self.cfg, self.mask_token_id, self.device, vocab_size=self.vocab_size)
+
+    def clear_cache_pool(self) -> None:
+        if self.state is not None:
+            self.state.num_drafts.zero_()
+
+    def update_weights_from_tensor(self, recv_req):
+        return self.target_worker.update_weights_from_tensor(recv_req)
+
+    # -- one scheduler iteration ----------------------------------------------------------------------------------
+
+    def forward_batch_generation(self, batch: ScheduleBatch, on_publish=None) -> GenerationBatchResult:
+        if batch.forward_mode.is_decode():
+            return self._decode(batch, on_publish)
+        return self._extend(batch, on_publish)
+
+    def _extend(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        """Prefill (or idle): the plain target forward; its sampled token becomes the pending token."""
+        result = self.target_worker.forward_batch_generation(batch)
+        bs = len(batch.reqs)
+        predict = result.next_token_ids
+        new_seq_lens = batch.seq_lens.clone()
+        if bs and not batch.forward_mode.is_idle():
+            self.state.on_prefill(batch.req_pool_indices, predict)
+        accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=result.logits_output,
+            next_token_ids=predict,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=ISDVerifyInput(self.rows),
+            speculative_num_draft_tokens=self.rows,
+        )
+
+    def _decode(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        """One ISD step: a TARGET_VERIFY forward of 2N - 1 rows per request, verification, next drafts."""
+        bs = len(batch.reqs)
+        self._warn_unsupported(batch)
+        step = self.state.build(batch.req_pool_indices, batch.seq_lens)
+        input_ids = step.input_ids.reshape(-1)
+        positions = step.position_ids.reshape(-1)
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = input_ids
+        batch.out_cache_loc = assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices,
+            req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens,
+            end_offset=batch.seq_lens + self.rows,
+            batch_size=bs,
+            draft_token_num=self.rows,
+            device=self.device,
+        )
+        batch.spec_info = ISDVerifyInput(self.rows, positions=positions, draft_token=input_ids)
+        result = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        logits = result.logits_output.next_token_logits
+        if logits is None or logits.shape[0] != bs * self.rows:
+            got = None if logits is None else tuple(logits.shape)
+            raise RuntimeError(f"ISD: the verify forward returned logits of shape {got}, expected "
+                               f"({bs * self.rows}, vocab): SGLang's TARGET_VERIFY logits contract changed")
+        info = batch.sampling_info
+        sampling = None
+        if not info.is_all_greedy:
+            sampling = SamplingView(info.temperatures.view(-1), info.top_ks.view(-1), info.top_ps.view(-1))
+        out = self.state.commit(batch.req_pool_indices, step, logits[:, :self.vocab_size], batch.seq_lens, sampling)
+        if on_publish is not None:
+            on_publish(out.new_seq_lens)
+        batch.forward_mode = ForwardMode.DECODE
+        return GenerationBatchResult(
+            logits_output=result.logits_output,
+            next_token_ids=out.next_token_ids,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=out.accept_lens,
+            new_seq_lens=out.new_seq_lens,
+            next_draft_input=ISDVerifyInput(self.rows),
+            speculative_num_draft_tokens=self.rows,
+        )
+
+    def _warn_unsupported(self, batch: ScheduleBatch) -> None:
+        info = batch.sampling_info
+        checks = {
+            "penalties": info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required,
+            "min_p": bool(getattr(info, "need_min_p_sampling", False)),
+            "logit_bias/vocab masks": getattr(info, "logit_bias", None) is not None or info.vocab_mask is not None,
+            "grammars": bool(batch.has_grammar),
+            "logprobs": bool(batch.return_logprob),
+        }
+        for name, on in checks.items():
+            if on and name not in self._warned:
+                self._warned.add(name)
+                log.warning("ISD ignores %s (requested by a request in this batch); tokens follow temperature, "
+                            "top_k and top_p only", name)

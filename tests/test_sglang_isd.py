@@ -1,0 +1,252 @@
+"""ISD under SGLang, the CPU-testable parts: the slot-indexed step bookkeeping against greedy AR, the YAML and
+server-argument handling, the launch command, and a pin on the SGLang internals the integration relies on (skipped
+when sglang is not installed; the GPU tests in tests/gpu/test_sglang_isd_gpu.py run the real server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from idlm.cli import main
+from idlm.errors import UserError
+from idlm.inference.sglang_isd.config import (
+    ENV_CONFIG,
+    ISDServeConfig,
+    build_launch_command,
+    load_isd_yaml,
+    translate_dllm_args,
+    validate_server_args,
+)
+from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
+from tests.helpers import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+MASK = VOCAB - 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(vocab_size=VOCAB, seed=3, initializer_range=0.4)
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def _greedy_ar(model, prompt: list[int], n: int) -> list[int]:
+    seq, out = list(prompt), []
+    for _ in range(n):
+        tok = int(_logits(model, seq)[-1].argmax())
+        out.append(tok)
+        seq.append(tok)
+    return out
+
+
+def _drive(model, prompts, stride, max_new, sampling=None, draft_mode="argmax", slots=(5, 2, 7, 0)):
+    """SGLang's loop in miniature: prefill, then steps whose KV is a full recompute of the committed tokens (what the
+    paged cache holds) plus the step rows. Returns outputs, per-step accept lengths and the table."""
+    cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode, seed=1)
+    table = ISDStateTable(8, cfg, MASK, "cpu", vocab_size=VOCAB)
+    slot_t = torch.tensor(slots[:len(prompts)])
+    first = torch.tensor([int(_logits(model, p)[-1].argmax()) for p in prompts])
+    table.on_prefill(slot_t, first)
+    outs = [[int(t)] for t in first]
+    seq_lens = torch.tensor([len(p) for p in prompts])
+    accepts = []
+    while min(len(o) for o in outs) < max_new:
+        step = table.build(slot_t, seq_lens)
+        assert step.input_ids.shape == (len(prompts), 2 * stride - 1)
+        rows = []
+        for b, p in enumerate(prompts):
+            committed = list(p) + outs[b][:-1]
+            assert len(committed) == int(seq_lens[b])
+            assert int(step.input_ids[b, 0]) == outs[b][-1]  # the pending token leads the step
+            assert step.position_ids[b, 0] == len(committed)
+            rows.append(_logits(model, committed + step.input_ids[b].tolist())[len(committed):])
+        res = table.commit(slot_t, step, torch.stack(rows), seq_lens, sampling)
+        tokens = res.next_token_ids.view(len(prompts), -1)
+        for b in range(len(prompts)):
+            n = int(res.accept_lens[b])
+            assert 1 <= n <= stride
+            outs[b] += tokens[b, :n].tolist()
+        accepts.append(res.accept_lens.tolist())
+        seq_lens = res.new_seq_lens
+    return outs, accepts, table
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_greedy_steps_equal_greedy_ar(model, stride):
+    prompts = [[1, 5, 9, 2], [7, 3], [4, 4, 8, 1, 6, 2, 11]]
+    outs, accepts, _ = _drive(model, prompts, stride, max_new=24)
+    for p, o in zip(prompts, outs):
+        assert o[:24] == _greedy_ar(model, p, 24)
+    flat = [a for step in accepts for a in step]
+    assert max(flat) > 1, "no draft was ever accepted: the test would not exercise acceptance"
+    assert min(flat) < stride, "no draft was ever rejected: the test would not exercise trimming"
+
+
+def test_mixed_greedy_and_sampled_requests(model):
+    prompts = [[1, 5, 9, 2], [7, 3], [4, 4, 8]]
+    # request 1 is greedy in SGLang's encoding (top_k = 1, temperature 1); the others sample
+    sampling = SamplingView(temperatures=torch.tensor([0.8, 1.0, 1.2]), top_ks=torch.tensor([1 << 30, 1, 20]),
+                            top_ps=torch.tensor([0.9, 1.0, 1.0]))
+    for mode in ("argmax", "sample"):
+        outs, accepts, table = _drive(model, prompts, 3, max_new=16, sampling=sampling, draft_mode=mode)
+        assert outs[1][:16] == _greedy_ar(model, prompts[1], 16)  # the greedy request stays exact
+        assert all(0 <= t < VOCAB for o in outs for t in o)
+        assert (table.q_probs is not None) == (mode == "sample")
+
+
+def test_state_is_per_slot_and_reset_on_prefill(model):
+    cfg = ISDServeConfig(stride=3)
+    table = ISDStateTable(4, cfg, MASK, "cpu")
+    table.num_drafts[:] = 2
+    table.on_prefill(torch.tensor([1, 3]), torch.tensor([10, 11]))
+    assert table.num_drafts.tolist() == [2, 0, 2, 0] and table.pending[[1, 3]].tolist() == [10, 11]
+    step = table.build(torch.tensor([3]), torch.tensor([5]))
+    assert step.input_ids.tolist() == [[11, MASK, MASK, MASK, MASK]]  # cold start padded to 2N - 1 rows
+    assert step.position_ids.tolist() == [[5, 6, 7, 8, 9]]
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+def test_yaml_configs_load():
+    for n in (2, 3, 4):
+        cfg = load_isd_yaml(ROOT / f"configs/inference/idlm_blockN{n}.yaml")
+        assert cfg.stride == n and cfg.num_draft_tokens == 2 * n - 1 and cfg.draft_mode == "argmax"
+
+
+def test_yaml_paper_keys(tmp_path):
+    f = tmp_path / "paper.yaml"
+    f.write_text("gen_block_size: 4\nblock_size: 7\ntemperature: 1.0\ntop_k: 50\nuse_spec_verify: true\n")
+    assert load_isd_yaml(f).stride == 4
+    for bad, msg in (("gen_block_size: 4\nblock_size: 4\n", "block_size"),
+                     ("gen_block_size: 4\nfast_verify: true\n", "fast_verify"),
+                     ("stride: 3\nverify_alpha: 0.5\n", "verify_alpha"),
+                     ("stride: 3\nwhatever: 1\n", "unknown keys"),
+                     ("block_size: 7\n", "stride"),
+                     ("stride: 1\n", ">= 2"),
+                     ("stride: 3\ndraft_mode: paper_argmax\n", "draft_mode")):
+        f.write_text(bad)
+        with pytest.raises(UserError, match=msg):
+            load_isd_yaml(f)
+    with pytest.raises(UserError, match="does not exist"):
+        load_isd_yaml(tmp_path / "missing.yaml")
+
+
+def _args(**kw):
+    base = dict(speculative_algorithm=None, speculative_num_draft_tokens=None, speculative_num_steps=None,
+                speculative_eagle_topk=None, speculative_draft_model_path=None, disable_overlap_schedule=False,
+                enable_mixed_chunk=True, enable_lora=False, lora_paths=None, pp_size=1, enable_dp_attention=False,
+                disaggregation_mode="null", attention_backend="triton", speculative_adaptive=False, model_path=None,
+                dllm_algorithm=None, dllm_algorithm_config=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_translate_paper_spelling(monkeypatch):
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    args = _args(dllm_algorithm="IDLMBlockN", dllm_algorithm_config=str(ROOT / "configs/inference/idlm_blockN4.yaml"))
+    assert translate_dllm_args(args)
+    assert (args.speculative_algorithm, args.speculative_num_draft_tokens, args.dllm_algorithm) == ("ISD", 7, None)
+    assert json.loads(os.environ[ENV_CONFIG])["stride"] == 4
+    assert not translate_dllm_args(_args(dllm_algorithm="LowConfidence"))
+    with pytest.raises(UserError, match="needs --dllm-algorithm-config"):
+        translate_dllm_args(_args(dllm_algorithm="IDLMBlockN"))
+    with pytest.raises(UserError, match="not supported"):
+        translate_dllm_args(_args(dllm_algorithm="IDLMBlockNDraftOnly", dllm_algorithm_config="x.yaml"))
+
+
+def test_validate_server_args(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_CONFIG, raising=False)
+    args = _args(speculative_num_draft_tokens=7)
+    validate_server_args(args)
+    assert args.disable_overlap_schedule and not args.enable_mixed_chunk
+    assert (args.speculative_num_steps, args.speculative_eagle_topk) == (1, 1)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"idlm": {"mask_token_id": 5, "stride": 3}}))
+    args = _args(model_path=str(ckpt))
+    validate_server_args(args)
+    assert args.speculative_num_draft_tokens == 5
+    for kw, msg in ((dict(speculative_num_draft_tokens=6), "odd"),
+                    (dict(speculative_num_draft_tokens=7, enable_lora=True), "R-ISD"),
+                    (dict(speculative_num_draft_tokens=7, attention_backend="torch_native"), "attention backend"),
+                    (dict(model_path=str(tmp_path)), "speculative-num-draft-tokens")):
+        with pytest.raises(UserError, match=msg):
+            validate_server_args(_args(**kw))
+
+
+def test_launch_command_and_cli(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"idlm": {"mask_token_id": 5, "stride": 3}}))
+    argv, env = build_launch_command(str(ckpt), None, port=1234)
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    assert argv[argv.index("--speculative-num-draft-tokens") + 1] == "5" and "--disable-overlap-schedule" in argv
+    assert json.loads(env[ENV_CONFIG]) == {"stride": 3, "draft_mode": "argmax", "seed": 0}
+    assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--stride", "4", "--print-command",
+                 "--sglang-args", "--cuda-graph-max-bs 8"]) == 0
+    out = capsys.readouterr().out
+    assert "--speculative-num-draft-tokens 7" in out and out.strip().endswith("--cuda-graph-max-bs 8")
+    assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--lora", str(tmp_path)]) == 2
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert main(["serve", "--engine", "sglang", "--model", str(plain), "--stride", "2", "--print-command"]) == 2
+    assert "not an I-DLM checkpoint" in capsys.readouterr().err
+
+
+def test_entry_point_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '[project.entry-points."sglang.srt.plugins"]' in text
+    assert 'idlm_isd = "idlm.inference.sglang_isd.plugin:register"' in text
+    assert '"sglang==0.5.15"' in text
+
+
+# ---------------------------------------------------------------------------------------------------------- pin
+def _sglang_file(rel: str) -> str:
+    spec = importlib.util.find_spec("sglang")
+    return (Path(spec.submodule_search_locations[0]) / rel).read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed (serve extra)")
+def test_sglang_internals_pinned():
+    """Fails when SGLang moves away from the internals the ISD worker and compat patch were written against."""
+    from importlib.metadata import version
+
+    from idlm.inference.sglang_isd.config import SGLANG_VERSION
+
+    assert version("sglang") == SGLANG_VERSION, "re-read SGLang's spec-V2 worker interface before moving the pin"
+    server_args = _sglang_file("srt/server_args.py")
+    assert "def __post_init__(self):" in server_args  # compat.HOOK_TARGET
+    for field in ("dllm_algorithm:", "dllm_algorithm_config:", "speculative_algorithm:",
+                  "speculative_num_draft_tokens:"):
+        assert field in server_args, field
+    assert "self._handle_dllm_inference()" in server_args
+    assert "HookType.BEFORE" in _sglang_file("srt/plugins/hook_registry.py") or "BEFORE" in _sglang_file(
+        "srt/plugins/hook_registry.py")
+    spec_info = _sglang_file("srt/speculative/spec_info.py")
+    assert "def register(" in spec_info and "NGRAM_VERIFY" in spec_info
+    utils = _sglang_file("srt/managers/utils.py")
+    for field in ("accept_lens:", "new_seq_lens:", "next_draft_input:", "speculative_num_draft_tokens:"):
+        assert field in utils, field
+    tp = _sglang_file("srt/managers/tp_worker.py")
+    assert "is_verify: bool = False" in tp and "if is_verify:" in tp
+    processor = _sglang_file("srt/managers/scheduler_components/batch_result_processor.py")
+    assert "next_token_ids[i * stride : i * stride + accept_lens[i]]" in processor  # our output layout
+    scheduler = _sglang_file("srt/managers/scheduler.py")
+    assert "batch.seq_lens = batch_result.new_seq_lens" in scheduler  # the KV frontier (trim) contract
+    cache_locs = _sglang_file("srt/speculative/triton_ops/cache_locs.py")
+    assert "def assign_extend_cache_locs_func(" in cache_locs
+    triton = _sglang_file("srt/layers/attention/triton_backend.py")
+    assert 'getattr(spec_info, "custom_mask", None) is not None' in triton  # no mask -> causal verify
+    logits = _sglang_file("srt/layers/logits_processor.py")
+    assert "is_target_verify()" in logits  # all-row logits in TARGET_VERIFY
