@@ -267,7 +267,25 @@ def _add_bench_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_train)
 
 
-BENCH_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench_train]
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from idlm.eval.throughput import run_cli
+
+    return run_cli(args)
+
+
+def _add_bench_throughput(sub: argparse._SubParsersAction) -> None:
+    from idlm.eval.throughput import add_arguments
+
+    p = sub.add_parser("throughput", help="serving throughput of a local server per concurrency level",
+                       description="Stream requests to a server on this machine (`idlm serve`, SGLang with or without "
+                                   "ISD) at each concurrency level; report total and per-request tokens/s, TTFT, the "
+                                   "server's TPF and the decode step time; write JSON (read by `idlm tables`) and a "
+                                   "plot. Formulas: eval/throughput.py.")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench_throughput)
+
+
+BENCH_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_bench_train, _add_bench_throughput]
 SUBCOMMANDS.append(_add_bench)
 
 
