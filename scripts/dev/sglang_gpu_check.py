@@ -1,0 +1,308 @@
+"""One-call GPU check of ISD under SGLang (run by scripts/dev/sglang_gpu_check.sh on an H100, <= 10 minutes).
+
+1. correctness: a small random Qwen3-shaped I-DLM checkpoint on disk; SGLang ISD (N = 4, started with the paper's
+   --dllm-algorithm spelling) vs the reference engine (same weights, bf16, CUDA) vs SGLang AR, greedy, 50 prompts
+   sent as one batch (continuous batching, CUDA graphs); each difference is explained by the top-2 logit gap of the
+   fp32 reference at the first differing token (a bf16 near-tie) or flagged. Also: a sampled request, a bad request
+   and a client that disconnects mid-stream leave the server serving.
+2. speed (if time allows): Qwen3-8B-shaped dummy weights, ISD N = 4 vs SGLang AR, C = 1, 8, 32, 64, with
+   `idlm bench throughput --api sglang`; docs/results/serving_h100.json and .md into $OUT.
+
+All four servers start at once (start-ups dominate the budget); KV pools are capped with --max-total-tokens and
+--mem-fraction-static is set so that concurrent memory profiling cannot starve one server (docs/serving.md).
+Prints one summary block last and writes $OUT/sglang_gpu_check.json. Exit code 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.gpu.sglang_helpers import (  # noqa: E402
+    SGLangServer,
+    build_tiny_idlm,
+    decode_tpf,
+    generate,
+    isd_flags,
+    output_ids,
+    paper_isd_flags,
+    random_prompts,
+    server_info,
+    write_dummy_qwen3_8b,
+)
+
+T0 = time.monotonic()
+SUMMARY: list[str] = []
+REPORT: dict = {"checks": {}, "errors": []}
+
+
+def elapsed() -> float:
+    return time.monotonic() - T0
+
+
+def say(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+def check(name: str, ok: bool, detail: str) -> bool:
+    REPORT["checks"][name] = {"ok": bool(ok), "detail": detail}
+    SUMMARY.append(f"{'PASS' if ok else 'FAIL'} {name}: {detail}")
+    say(SUMMARY[-1])
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------- correctness
+def reference_outputs(ckpt: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    import torch
+
+    from idlm.inference.engine import ISDEngine, SamplingParams
+
+    engine = ISDEngine.from_pretrained(str(ckpt), stride=4, device="cuda", dtype="bfloat16", max_batch_size=16)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new))
+    del engine
+    torch.cuda.empty_cache()
+    return [o.token_ids for o in outs]
+
+
+def explain(ckpt: Path, prompt: list[int], a: list[int], b: list[int]) -> tuple[str, bool]:
+    """Where two greedy outputs first differ, and the fp32 reference's top-2 logit gap there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    model = getattr(explain, "_model", None)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).cuda().eval()
+        explain._model = model
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + a[:i]], device="cuda")).logits[0, -1]
+    top = logits.topk(2)
+    gap = float(top.values[0] - top.values[1])
+    tie = gap < 0.05  # bf16 logits carry ~3 significant digits: a gap this small can flip the argmax
+    return f"token {i}: {a[i] if i < len(a) else None} vs {b[i] if i < len(b) else None}, fp32 top-2 gap " \
+           f"{gap:.4f}{' (bf16 near-tie)' if tie else ' (NOT a near-tie)'}", tie
+
+
+def compare(name: str, ckpt: Path, prompts, got, want, need: float = 0.95) -> bool:
+    same = sum(g == w for g, w in zip(got, want))
+    notes, unexplained = [], 0
+    for k, (p, g, w) in enumerate(zip(prompts, got, want)):
+        if g != w:
+            text, tie = explain(ckpt, p, g, w)
+            unexplained += not tie
+            notes.append(f"prompt {k}: {text}")
+    REPORT.setdefault("differences", {})[name] = notes
+    for n in notes:
+        say(f"  {name}: {n}")
+    frac = same / len(prompts)
+    return check(name, frac >= need and unexplained == 0,
+                 f"{same}/{len(prompts)} identical ({frac:.0%}; need {need:.0%}), {len(notes) - unexplained} "
+                 f"differences explained by bf16 near-ties, {unexplained} unexplained")
+
+
+def robustness(server: SGLangServer, vocab: int) -> None:
+    import httpx
+
+    ok_bad = False
+    try:
+        r = httpx.post(f"{server.url}/generate", json={"input_ids": [5, 3],
+                       "sampling_params": {"max_new_tokens": 4, "top_p": 2.0}}, timeout=60, trust_env=False)
+        ok_bad = 400 <= r.status_code < 500
+        detail = f"top_p=2.0 -> HTTP {r.status_code} {r.text[:120]!r}"
+    except httpx.HTTPError as exc:
+        detail = f"top_p=2.0 -> {type(exc).__name__}"
+    try:  # disconnect after the first streamed chunk
+        with httpx.stream("POST", f"{server.url}/generate", json={"input_ids": [5, 6, 7], "stream": True,
+                          "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}, timeout=60,
+                          trust_env=False) as resp:
+            for _ in resp.iter_lines():
+                break
+    except httpx.HTTPError:
+        pass
+    time.sleep(1)
+    after = generate(server.url, [[9, 8, 7]], 8)
+    alive = server.alive() and len(output_ids(after[0])) == 8
+    check("isd_survives_bad_request_and_disconnect", ok_bad and alive,
+          f"{detail}; server {'serves' if alive else 'DOES NOT serve'} afterwards")
+
+
+def sampled_smoke(server: SGLangServer) -> None:
+    res = generate(server.url, [[11, 12, 13]] * 4, 24, temperature=0.8, top_p=0.9, top_k=50)
+    lens = [len(output_ids(r)) for r in res]
+    distinct = len({tuple(output_ids(r)) for r in res})
+    check("isd_sampled_requests", all(n == 24 for n in lens),
+          f"4 sampled requests (T 0.8, top_p 0.9, top_k 50): lengths {lens}, {distinct} distinct outputs")
+
+
+def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServer, timeout: float) -> None:
+    prompts = random_prompts(50, 10, 380, 4, 40, seed=1)
+    max_new = 48
+    say("reference engine (bf16, CUDA) on 50 prompts")
+    ref = reference_outputs(tiny, prompts, max_new)
+    for s in (isd, ar):
+        say(f"waiting for {s.name}")
+        s.wait_ready(timeout)
+        say(f"{s.name} ready after {s.ready_s:.0f} s")
+    info = server_info(isd.url)
+    check("isd_paper_spelling_translated", info.get("speculative_algorithm") == "ISD"
+          and int(info.get("speculative_num_draft_tokens") or 0) == 7,
+          f"--dllm-algorithm IDLMBlockN -> speculative_algorithm={info.get('speculative_algorithm')}, "
+          f"num_draft_tokens={info.get('speculative_num_draft_tokens')}, dllm_algorithm={info.get('dllm_algorithm')}")
+    isd_res = generate(isd.url, prompts, max_new)
+    ar_res = generate(ar.url, prompts, max_new)
+    got = [output_ids(r) for r in isd_res]
+    ar_out = [output_ids(r) for r in ar_res]
+    tpfs = [t for t in (decode_tpf(r) for r in isd_res) if t is not None]
+    REPORT["tiny_tpf_mean"] = sum(tpfs) / len(tpfs) if tpfs else None
+    check("isd_tpf_reported", bool(tpfs) and all(1.0 <= t <= 4.0 for t in tpfs),
+          f"mean TPF {REPORT['tiny_tpf_mean']} over {len(tpfs)} requests (random weights: drafts mostly rejected)")
+    compare("sglang_isd_vs_reference_engine", tiny, prompts, got, ref)
+    compare("sglang_isd_vs_sglang_ar", tiny, prompts, got, ar_out)
+    compare("sglang_ar_vs_reference_engine", tiny, prompts, ar_out, ref)
+    sampled_smoke(isd)
+    robustness(isd, vocab)
+
+
+# ------------------------------------------------------------------------------------------------- speed
+def phase_speed(isd: SGLangServer, ar: SGLangServer, timeout: float, out: Path, levels: list[int],
+                output_len: int) -> None:
+    from idlm.eval.throughput import BenchConfig, run_bench
+
+    rows = []
+    for s, algo in ((isd, "isd"), (ar, "ar")):
+        say(f"waiting for {s.name}")
+        s.wait_ready(timeout)
+        say(f"{s.name} ready after {s.ready_s:.0f} s; benchmarking C={levels}")
+        cfg = BenchConfig(base_url=s.url, concurrency=levels, input_len=512, output_len=output_len, api="sglang",
+                          engine="sglang", algorithm=algo, stride=4 if algo == "isd" else 1,
+                          num_prompts=None, timeout=300)
+        res = asyncio.run(run_bench(cfg))
+        res["model"] = "Qwen3-8B shape, random weights (--load-format dummy)"
+        (out / f"bench_{algo}.json").write_text(json.dumps(res, indent=2))
+        for e in res["results"]:
+            if e.get("errors"):
+                REPORT["errors"].append(f"{algo} C={e['concurrency']}: {e.get('error_examples')}")
+            rows.append({"engine": "sglang", "algorithm": algo, "stride": 4 if algo == "isd" else 1,
+                         "concurrency": e["concurrency"], "tok_s_total": e.get("tok_s_total"),
+                         "tok_s_per_req": e.get("tok_s_per_req"), "step_ms": e.get("step_ms"),
+                         "ttft_ms": e.get("ttft_ms"), "tpf": e.get("tpf")})
+    step = {(r["algorithm"], r["concurrency"]): r["step_ms"] for r in rows}
+    ratios = {c: (step[("isd", c)] / step[("ar", c)] if step.get(("isd", c)) and step.get(("ar", c)) else None)
+              for c in levels}
+    result = {"format": "idlm-bench-throughput", "device": "1x H100", "sglang": "0.5.15",
+              "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, triton attention, CUDA graphs",
+              "dataset": "random-512in", "max_tokens": output_len, "results": rows,
+              "isd_step_over_ar_step": {str(c): r for c, r in ratios.items()},
+              "targets": {"32": 1.4, "64": 2.1},
+              "command": "scripts/dev/sglang_gpu_check.sh"}
+    res_dir = out / "docs" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    (res_dir / "serving_h100.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| engine | algorithm | N | C | tok/s total | tok/s per request | step ms | TTFT ms | TPF |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| sglang | {r['algorithm']} | {r['stride']} | {r['concurrency']} | {fmt(r['tok_s_total'])} | "
+                     f"{fmt(r['tok_s_per_req'])} | {fmt(r['step_ms'], 2)} | {fmt(r['ttft_ms'])} | {fmt(r['tpf'], 2)} |")
+    lines += ["", "| C | ISD step / AR step | target |", "| --- | --- | --- |"]
+    for c in levels:
+        lines.append(f"| {c} | {fmt(ratios[c], 2)} | {result['targets'].get(str(c), '-')} |")
+    (res_dir / "serving_h100.md").write_text("\n".join(lines) + "\n")
+    REPORT["speed"] = result
+    for c, target in ((32, 1.4), (64, 2.1)):
+        if c in levels:
+            r = ratios.get(c)
+            check(f"isd_step_ratio_C{c}", r is not None and r <= target,
+                  f"ISD step {fmt(step.get(('isd', c)), 2)} ms / AR step {fmt(step.get(('ar', c)), 2)} ms = "
+                  f"{fmt(r, 2)} (target <= {target})")
+    say("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "outputs/sglang_gpu_check"))
+    ap.add_argument("--phases", default=os.environ.get("PHASES", "1,2"), help="1 = correctness, 2 = speed")
+    ap.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", "560")),
+                    help="seconds this script may use (it skips phase 2 when too little is left)")
+    ap.add_argument("--startup-timeout", type=float, default=330)
+    ap.add_argument("--levels", default="1,8,32,64")
+    ap.add_argument("--output-len", type=int, default=256)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    phases = {int(p) for p in args.phases.split(",") if p.strip()}
+    levels = [int(c) for c in args.levels.split(",")]
+    servers: list[SGLangServer] = []
+    rc = 0
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        REPORT["gpu"] = torch.cuda.get_device_name(0)
+        tiny, vocab = build_tiny_idlm(work, stride=4) if 1 in phases else (None, None)
+        big = write_dummy_qwen3_8b(work, stride=4) if 2 in phases else None
+        small = ["--mem-fraction-static", "0.8", "--max-total-tokens", "60000", "--max-running-requests", "64",
+                 "--cuda-graph-max-bs", "64", "--dtype", "bfloat16"]
+        bigf = ["--load-format", "dummy", "--mem-fraction-static", "0.8", "--max-total-tokens", "60000",
+                "--max-running-requests", "64", "--cuda-graph-max-bs", "64", "--dtype", "bfloat16",
+                "--context-length", "4096"]
+        yaml4 = ROOT / "configs/inference/idlm_blockN4.yaml"
+        if 1 in phases:
+            servers += [SGLangServer("tiny-isd", str(tiny), 30011, paper_isd_flags(yaml4) + small,
+                                     out / "logs/tiny_isd.log"),
+                        SGLangServer("tiny-ar", str(tiny), 30012, small, out / "logs/tiny_ar.log")]
+        if 2 in phases:
+            servers += [SGLangServer("8b-isd", str(big), 30013, isd_flags(4) + bigf, out / "logs/8b_isd.log"),
+                        SGLangServer("8b-ar", str(big), 30014, bigf, out / "logs/8b_ar.log")]
+        for s in servers:
+            say(f"starting {s.name}: log {s.log_path}")
+            s.start()
+        by = {s.name: s for s in servers}
+        if 1 in phases:
+            try:
+                phase_correctness(tiny, vocab, by["tiny-isd"], by["tiny-ar"], args.startup_timeout)
+            finally:
+                for name in ("tiny-isd", "tiny-ar"):
+                    by[name].stop()  # free the GPU for the timing phase
+        if 2 in phases:
+            left = args.budget - elapsed()
+            if left < 150:
+                check("speed_phase", False, f"skipped: only {left:.0f} s of the budget left (run with PHASES=2)")
+            else:
+                phase_speed(by["8b-isd"], by["8b-ar"], max(60.0, left - 120), out, levels, args.output_len)
+    except Exception as exc:
+        REPORT["errors"].append("".join(traceback.format_exception(exc))[-4000:])
+        SUMMARY.append(f"ERROR {type(exc).__name__}: {str(exc)[:2000]}")
+        rc = 1
+    finally:
+        for s in servers:
+            s.stop()
+        REPORT["startup_s"] = {s.name: s.ready_s for s in servers}
+        REPORT["elapsed_s"] = elapsed()
+        (out / "sglang_gpu_check.json").write_text(json.dumps(REPORT, indent=2, default=str) + "\n")
+    failed = [k for k, v in REPORT["checks"].items() if not v["ok"]]
+    rc = rc or int(bool(failed))
+    print("\n================ sglang_gpu_check summary ================")
+    print(f"GPU {REPORT.get('gpu')}, {elapsed():.0f} s, start-ups {REPORT['startup_s']}")
+    for line in SUMMARY:
+        print(line)
+    print(f"results: {out}/sglang_gpu_check.json" + (f", {out}/docs/results/serving_h100.json" if "speed" in REPORT
+                                                      else ""))
+    print("OVERALL:", "PASS" if rc == 0 else "FAIL")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

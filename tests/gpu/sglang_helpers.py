@@ -1,0 +1,194 @@
+"""Start SGLang servers, talk to them, build the checkpoints the GPU checks share (tests/gpu and
+scripts/dev/sglang_gpu_check.py). Every failure raises with the server's log tail, so a GPU run explains itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# Flags seen working on an H100 with the offline SGLang 0.5.15 bundle (../shared/device/build-sglang-bundle.sh).
+BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
+              "--skip-tokenizer-init", "--log-level", "warning"]
+
+QWEN3_8B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "initializer_range": 0.02,
+    "use_cache": True, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 36,
+    "rope_scaling": None,
+}
+
+
+def isd_flags(stride: int) -> list[str]:
+    return ["--speculative-algorithm", "ISD", "--speculative-num-draft-tokens", str(2 * stride - 1),
+            "--disable-overlap-schedule"]
+
+
+def paper_isd_flags(yaml_path: str | Path) -> list[str]:
+    """The paper's spelling, translated by the idlm plugin (also exercises that path)."""
+    return ["--dllm-algorithm", "IDLMBlockN", "--dllm-algorithm-config", str(yaml_path)]
+
+
+@dataclass
+class SGLangServer:
+    """One ``python -m sglang.launch_server`` subprocess, logging to ``log_path``."""
+
+    name: str
+    model: str
+    port: int
+    flags: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    ready_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> SGLangServer:
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model, "--host", "127.0.0.1",
+               "--port", str(self.port), *BASE_FLAGS, *self.flags]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the server)
+        log.write("+ " + " ".join(cmd) + "\n")
+        log.flush()
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                     start_new_session=True)
+        return self
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def fail(self, message: str) -> RuntimeError:
+        return RuntimeError(f"[{self.name}] {message}\n----- last lines of {self.log_path} -----\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float) -> float:
+        """Block until /get_server_info answers; returns the start-up time in seconds."""
+        import httpx
+
+        deadline = self.started_at + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self.fail(f"the server exited with code {self.proc.returncode} during start-up")
+            try:
+                r = httpx.get(f"{self.url}/get_server_info", timeout=5, trust_env=False)
+                if r.status_code == 200:
+                    self.ready_s = time.monotonic() - self.started_at
+                    return self.ready_s
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise self.fail(f"not ready after {timeout:.0f} s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+            self.proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def server_info(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/get_server_info", timeout=30, trust_env=False).json()
+
+
+def generate(url: str, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[dict]:
+    """One /generate call with a batch of token-id prompts (SGLang batches them): [{output_ids, meta_info}, ...]."""
+    import httpx
+
+    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True, **sampling}
+    r = httpx.post(f"{url}/generate", json={"input_ids": prompts, "sampling_params": params}, timeout=600,
+                   trust_env=False)
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}/generate answered {r.status_code}: {r.text[:500]}")
+    out = r.json()
+    out = out if isinstance(out, list) else [out]
+    if len(out) != len(prompts):
+        raise RuntimeError(f"{url}/generate returned {len(out)} results for {len(prompts)} prompts")
+    return out
+
+
+def output_ids(result: dict) -> list[int]:
+    ids = result.get("output_ids")
+    if ids is None:
+        raise RuntimeError(f"/generate result has no output_ids (keys: {sorted(result)}); was the server started "
+                           "with --skip-tokenizer-init?")
+    return list(ids)
+
+
+def decode_tpf(result: dict) -> float | None:
+    """(completion tokens - 1) / decode forwards, from SGLang's meta_info (None without spec_verify_ct)."""
+    meta = result.get("meta_info") or {}
+    ct = meta.get("spec_verify_ct")
+    n = meta.get("completion_tokens")
+    return (n - 1) / ct if ct and n else None
+
+
+def build_tiny_idlm(out_dir: Path, stride: int = 4, seed: int = 0) -> tuple[Path, int]:
+    """A small random Qwen3-shaped I-DLM checkpoint (bf16, head_dim 128) on disk, shared by the reference engine and
+    SGLang. Returns (checkpoint dir, vocabulary size)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from idlm.convert import convert
+    from idlm.tiny import build_tiny_tokenizer
+
+    base = out_dir / "tiny_base"
+    ckpt = out_dir / f"tiny_idlm_n{stride}"
+    if (ckpt / "config.json").is_file():
+        return ckpt, json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    tok = build_tiny_tokenizer(seed=seed)
+    cfg = Qwen3Config(vocab_size=len(tok) + 8, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048,
+                      tie_word_embeddings=False, initializer_range=0.05, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    base.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    convert(base=str(base), output=str(ckpt), stride=stride, dtype="bfloat16", overwrite=True)
+    return ckpt, cfg.vocab_size
+
+
+def write_dummy_qwen3_8b(out_dir: Path, stride: int = 4) -> Path:
+    """A Qwen3-8B config.json with an idlm block: with --load-format dummy SGLang serves random weights of that
+    shape (no checkpoint, no tokenizer with --skip-tokenizer-init)."""
+    d = out_dir / "qwen3_8b_dummy"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dict(QWEN3_8B_CONFIG, idlm={"format_version": 1, "mask_token_id": 151669, "stride": stride})
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
+def random_prompts(count: int, lo: int, hi: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(lo, hi) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
