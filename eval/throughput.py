@@ -350,7 +350,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-range", default="10,300", help="synthetic prompt ids are drawn from [lo, hi)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
-    p.add_argument("--output", default="throughput.json", help="JSON path (the plot goes beside it as .png)")
+    p.add_argument("--output", default="throughput.json",
+                   help="JSON path, or a directory for throughput.json (the plot goes beside it as .png)")
     p.add_argument("--no-plot", action="store_true")
 
 
@@ -370,6 +371,8 @@ def run_cli(args: argparse.Namespace) -> int:
                       plot=not args.no_plot)
     result = asyncio.run(run_bench(cfg))
     out = Path(cfg.output)
+    if out.is_dir() or out.suffix != ".json":  # a directory: the JSON goes inside it
+        out = out / "throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

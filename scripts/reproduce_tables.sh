@@ -86,19 +86,19 @@ start_native() {
     fi
 }
 
-# ---- SGLang hook -------------------------------------------------------------------------------------------
-# The SGLang route (idlm serve --engine sglang / scripts/launch_server.sh) is built elsewhere. When it lands,
-# replace the body of start_sglang with its launch command; it must set SERVER_PID and BASE_URL. Until then
-# SGLANG_CMD may hold a full command line (e.g. the paper's `python -m sglang.launch_server --model-path M
-# --dllm-algorithm IDLMBlockN --dllm-algorithm-config CFG --port 30000 ...`).
+# ---- SGLang --------------------------------------------------------------------------------------------------
+# `idlm serve --engine sglang` (SGLang with the ISD worker, docs/serving.md); SGLANG_CMD may replace it with a full
+# command line (e.g. the paper's `python -m sglang.launch_server --model-path M --dllm-algorithm IDLMBlockN
+# --dllm-algorithm-config configs/inference/idlm_blockN4.yaml --port 30000 ...`).
 start_sglang() {
     local port="${PORT:-30000}"
-    if [ -z "${SGLANG_CMD:-}" ]; then
-        log "ENGINE=sglang: the SGLang launcher is not part of this repository yet; set SGLANG_CMD to a launch"
-        log "command listening on port $port, or start the server yourself and pass BASE_URL"
-        exit 2
+    if [ -n "${SGLANG_CMD:-}" ]; then
+        bash -c "$SGLANG_CMD" >"$LOG" 2>&1 &
+    else
+        # shellcheck disable=SC2086
+        "$IDLM" serve --engine sglang --model "$MODEL" --host 127.0.0.1 --port "$port" \
+            ${STRIDE:+--stride "$STRIDE"} >"$LOG" 2>&1 &
     fi
-    bash -c "$SGLANG_CMD" >"$LOG" 2>&1 &
     SERVER_PID=$!
     BASE_URL="http://127.0.0.1:$port/v1"
 }

@@ -155,11 +155,15 @@ def test_reproduce_tables_script_serves_evaluates_and_writes_tables(ckpt, tmp_pa
         pytest.skip("the idlm console script is not installed next to this Python")
     out = tmp_path / "repro"
     env = dict(_env(), IDLM=str(idlm), SUITE="gsm8k", LIMIT="2", MAX_TOKENS="8", CONCURRENCY="2",
-               DATA_DIR=str(FIX), EVAL_ARGS="--no-verify-data --no-progress", SERVER_WAIT="240")
+               DATA_DIR=str(FIX), EVAL_ARGS="--no-verify-data --no-progress", SERVER_WAIT="240",
+               THROUGHPUT_ARGS="--concurrency 1,2 --input-len 4 --output-len 4 --num-prompts 2 --token-range 10,200")
     r = subprocess.run(["bash", str(ROOT / "scripts/reproduce_tables.sh"), str(ckpt), str(out)], env=env,
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "throughput table" in r.stderr  # `idlm bench throughput` does not exist yet: skipped, said so
+    assert "throughput sweep" in r.stderr
+    bench = json.loads((out / "throughput" / "throughput.json").read_text())
+    assert [e["concurrency"] for e in bench["results"]] == [1, 2] and bench["engine"] == "native"
+    assert "| native isd" in (out / "tables" / "throughput.md").read_text()
     text = (out / "tables" / "quality.md").read_text()
     assert "| GSM8K |" in text and "(n=2)" in text
     assert json.loads((out / "eval" / "summary.json").read_text())["benchmarks"]["gsm8k"]["n_items"] == 2
