@@ -159,3 +159,181 @@ def test_compacted_rows_are_a_submatrix_of_the_full_mask():
         # the padding row sees only itself, and nobody sees it
         assert got[b, 0][K - 1].nonzero().flatten().tolist() == [K - 1]
         assert got[b, 0][:, K - 1].nonzero().flatten().tolist() == [K - 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flex BlockMask built from the closed form (idlm.masks.flex_block_mask)
+
+
+def random_inputs(seed: int, B: int, L: int, N: int, align: str, compact: bool):
+    """build_inputs on B random rows (prompt, response, optional user turn, left or right padding)."""
+    from idlm.objective import build_inputs
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(B):
+        pad = rng.randint(0, L - 1) if L > 1 else 0
+        prompt = rng.randint(0, L - pad)
+        rows.append(random_row(rng, L, prompt, pad, rng.random() < 0.5, rng.random() < 0.5))
+    valid = torch.tensor([r[0] for r in rows])
+    sup = torch.tensor([r[1] for r in rows])
+    ids = torch.randint(0, 50, (B, L), generator=torch.Generator().manual_seed(seed))
+    labels = torch.where(sup, ids, torch.full_like(ids, -100))
+    return build_inputs(ids, labels, 99, N - 1, valid.long(), align, compact)
+
+
+def block_sets(num: torch.Tensor, idx: torch.Tensor, cols: int) -> torch.Tensor:
+    """(num_blocks [B, H, R], indices [B, H, R, C]) -> which blocks are listed, as bool [B, H, R, cols]."""
+    listed = torch.arange(idx.shape[-1]) < num[..., None]
+    out = torch.zeros(*idx.shape[:-1], cols + 1, dtype=torch.bool)
+    out.scatter_(-1, torch.where(listed, idx.long(), cols), True)
+    return out[..., :cols]
+
+
+def tables_of(bm, n: int, q_bs: int, kv_bs: int) -> dict[str, torch.Tensor]:
+    nq, nkv = -(-n // q_bs), -(-n // kv_bs)
+    return {
+        "partial": block_sets(bm.kv_num_blocks, bm.kv_indices, nkv),
+        "full": block_sets(bm.full_kv_num_blocks, bm.full_kv_indices, nkv),
+        "partial_q": block_sets(bm.q_num_blocks, bm.q_indices, nq),
+        "full_q": block_sets(bm.full_q_num_blocks, bm.full_q_indices, nq),
+    }
+
+
+def effective_mask(bm, n: int, q_bs: int, kv_bs: int) -> torch.Tensor:
+    """What a block-sparse kernel computes: FULL tiles all allowed, PARTIAL tiles the mask_mod, others nothing."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    t = tables_of(bm, n, q_bs, kv_bs)
+
+    def expand(blocks):
+        return blocks.repeat_interleave(q_bs, -2).repeat_interleave(kv_bs, -1)[..., :n, :n]
+
+    per_element = create_mask(bm.mask_mod, bm.kv_indices.shape[0], 1, n, n, device="cpu")
+    return expand(t["full"]) | (expand(t["partial"]) & per_element)
+
+
+BLOCK_CASES = [
+    (L, N, bs, align, compact, seed)
+    for L, bs in ((1, 16), (7, 16), (33, 16), (64, 32), (100, (16, 32)), (90, (32, 16)), (150, 32), (61, 8))
+    for N in (2, 3, 5)
+    for align, compact in (("response", True), ("sequence", False), ("sequence", True))
+    for seed in (0,)
+] + [(L, 4, 16, "response", True, seed) for L in (47, 96) for seed in range(1, 6)]
+
+
+@pytest.mark.parametrize("L,N,bs,align,compact,seed", BLOCK_CASES)
+def test_block_mask_matches_create_block_mask(L, N, bs, align, compact, seed):
+    """Same FULL and PARTIAL tiles (both directions) as torch's create_block_mask over the mask_mod, and the
+    tiles with the mask_mod give exactly the dense rule."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from idlm.masks import flex_block_mask
+
+    B = 1 + seed % 3
+    inputs = random_inputs(hash((L, N, align, compact, seed)) % 2**32, B, L, N, align, compact)
+    n = inputs.input_ids.shape[1]
+    q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
+    ours = flex_block_mask(inputs.layout, inputs.noisy_index, block_size=bs)
+    ref = create_block_mask(flex_mask_mod(inputs.layout, inputs.noisy_index), B, None, n, n, device="cpu",
+                            BLOCK_SIZE=bs)
+    assert ours.seq_lengths == (n, n)
+    assert tuple(ours.BLOCK_SIZE) == (q_bs, kv_bs)
+    got, want = tables_of(ours, n, q_bs, kv_bs), tables_of(ref, n, q_bs, kv_bs)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert torch.equal(effective_mask(ours, n, q_bs, kv_bs), dense_mask(inputs.layout, inputs.noisy_index))
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("bs", [16, (8, 32)])
+def test_block_counts_equal_dense_counts(compact, bs):
+    """The per-tile counts from the intervals equal the dense rule summed per tile (tiles cut by the end
+    count only the pairs that exist)."""
+    from idlm.masks import _key_intervals, _tables_and_counts, block_counts
+
+    inputs = random_inputs(11, 3, 70, 4, "response", compact)
+    q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
+    tables, _ = _tables_and_counts(inputs.layout, inputs.noisy_index, q_bs, kv_bs)
+    assert _key_intervals(tables[1], tables[2], inputs.noisy_index >= 0) is not None, "closed-form path expected"
+    dense = dense_mask(inputs.layout, inputs.noisy_index)[:, 0]
+    n = dense.shape[-1]
+    nq, nkv = -(-n // q_bs), -(-n // kv_bs)
+    padded = torch.nn.functional.pad(dense, (0, nkv * kv_bs - n, 0, nq * q_bs - n))
+    want = padded.reshape(3, nq, q_bs, nkv, kv_bs).sum((2, 4))
+    assert torch.equal(block_counts(inputs.layout, inputs.noisy_index, bs), want)
+
+
+def test_tile_missing_one_pair_is_partial():
+    """A tile with all pairs allowed but one is PARTIAL. L = 47, N = 2, every x_t row kept, tiles of 16: the
+    x_t tile at positions 16..31 against the x_0 tile at positions 1..16 misses only (pos 16, key pos 16)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from idlm.masks import block_counts, flex_block_mask
+    from idlm.objective import build_inputs
+
+    L = 47
+    ids = torch.arange(L)[None] % 50
+    inputs = build_inputs(ids, ids.clone(), 99, 1, None, "sequence", compact=False)
+    counts = block_counts(inputs.layout, inputs.noisy_index, 16)
+    assert int(counts[0, 1, 3]) == 16 * 16 - 1
+    bm = flex_block_mask(inputs.layout, inputs.noisy_index, block_size=16)
+    t = tables_of(bm, 2 * L, 16, 16)
+    assert bool(t["partial"][0, 0, 1, 3]) and not bool(t["full"][0, 0, 1, 3])
+    ref = create_block_mask(flex_mask_mod(inputs.layout, inputs.noisy_index), 1, None, 2 * L, 2 * L,
+                            device="cpu", BLOCK_SIZE=16)
+    want = tables_of(ref, 2 * L, 16, 16)
+    assert all(torch.equal(t[key], want[key]) for key in want)
+
+
+def test_block_mask_build_never_evaluates_the_rule(monkeypatch):
+    """The closed-form build does not call the per-element rule (only the returned mask_mod does, later)."""
+    import idlm.masks as masks
+
+    inputs = random_inputs(3, 2, 120, 3, "response", True)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("attention_rule evaluated while building the block mask")
+
+    monkeypatch.setattr(masks, "attention_rule", forbidden)
+    bm = masks.flex_block_mask(inputs.layout, inputs.noisy_index, block_size=32)
+    assert bm.kv_num_blocks.shape == (2, 1, -(-inputs.input_ids.shape[1] // 32))
+
+
+def test_non_monotone_layout_falls_back_exactly():
+    """x_t rows out of order (no caller builds that) take the chunked fallback and still match torch."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from idlm.masks import _key_intervals, _tables_and_counts, flex_block_mask
+
+    inputs = random_inputs(5, 2, 40, 3, "response", False)
+    index = inputs.noisy_index.flip(1)
+    index[1, :3] = -1  # padding rows first, too
+    tables, _ = _tables_and_counts(inputs.layout, index, 16, 16)
+    assert _key_intervals(tables[1], tables[2], index >= 0) is None
+    n = index.shape[1] + 40
+    ours = flex_block_mask(inputs.layout, index, block_size=16)
+    ref = create_block_mask(flex_mask_mod(inputs.layout, index), 2, None, n, n, device="cpu", BLOCK_SIZE=16)
+    got, want = tables_of(ours, n, 16, 16), tables_of(ref, n, 16, 16)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_with_block_mask_equals_sdpa():
+    """CPU inductor's flex kernel honours the tile tables (FULL tiles skip the mask_mod): its output with our
+    BlockMask equals SDPA with the dense mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from idlm.masks import flex_block_mask
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    inputs = random_inputs(21, 2, 90, 3, "response", True)
+    n = inputs.input_ids.shape[1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for _ in range(3))
+    bm = flex_block_mask(inputs.layout, inputs.noisy_index, block_size=32)
+    assert int(bm.full_kv_num_blocks.sum()) > 0 and int(bm.kv_num_blocks.sum()) > 0, "both tile kinds exercised"
+    mask = dense_mask(inputs.layout, inputs.noisy_index)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(flex(q, k, v, block_mask=bm), want, rtol=1e-5, atol=1e-5)
