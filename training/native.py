@@ -3,6 +3,7 @@ Multi-GPU training with DeepSpeed goes through the LlamaFactory extension instea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -30,6 +31,8 @@ class NativeTrainConfig:
     max_len: int = 256
     seed: int = 0
     log_file: str | None = None  # JSONL of loss components per step
+    amp_dtype: str | None = None  # "bfloat16" / "float16": autocast forward (weights and optimizer stay as loaded)
+    clean_weight: float | None = None  # fixed w for CE_clean (0: noisy half only, gated-LoRA training); None: cfg's
 
 
 def _lr_at(step: int, cfg: NativeTrainConfig) -> float:
@@ -39,6 +42,12 @@ def _lr_at(step: int, cfg: NativeTrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     progress = (step - warm) / max(1, cfg.steps - warm)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _autocast(device: torch.device, amp_dtype: str | None):
+    if not amp_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, amp_dtype))
 
 
 def train_native(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg: NativeTrainConfig) -> list[dict]:
@@ -57,7 +66,7 @@ def train_native(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cf
     model.train()
     log: list[dict] = []
     log_fh = open(cfg.log_file, "a") if cfg.log_file else None
-    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", mininterval=2.0)
     for step in bar:
         t0 = time.perf_counter()
         micro = []
@@ -74,16 +83,18 @@ def train_native(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cf
             g["lr"] = _lr_at(step, cfg)
         sums = torch.zeros(2)
         tokens = 0
-        weight = None
+        weight = cfg.clean_weight
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
-            out = idlm_loss(model, b["input_ids"], b["labels"], idlm_cfg, b["attention_mask"],
-                            num_noisy=n_noisy, num_clean=n_clean, weight=weight)
+            with _autocast(device, cfg.amp_dtype):
+                out = idlm_loss(model, b["input_ids"], b["labels"], idlm_cfg, b["attention_mask"],
+                                num_noisy=n_noisy, num_clean=n_clean, weight=weight)
             weight = out.weight  # one clean-loss weight per optimizer step
             out.loss.backward()
             sums += torch.stack([out.sum_noisy.cpu().float(), out.sum_clean.cpu().float()])
             tokens += int(b["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
