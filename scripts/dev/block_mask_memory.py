@@ -13,7 +13,7 @@ ids = torch.zeros(1, L, dtype=torch.long, device="cuda")
 labels = ids.clone()
 labels[:, :512] = -100
 inputs = build_inputs(ids, labels, 1, 3, valid)
-for attempt in range(2):  # the first call compiles
+for attempt in range(2):  # the first call warms up allocations
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
