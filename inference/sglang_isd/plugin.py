@@ -35,8 +35,21 @@ def register() -> None:
     check_sglang_version()
 
     class ISDSpecAlgo(CustomSpecAlgo):
+        # SGLang 0.5.15's CustomSpecAlgo lacks three methods its scheduler calls on every algorithm; they are
+        # spelled out here with the values SGLang's own enum gives a non-EAGLE algorithm.
         def has_draft_kv(self) -> bool:
             return False  # drafts come from the verify forward's MASK rows: no separate draft KV chains
+
+        def carries_draft_hidden_states(self) -> bool:
+            return False  # nothing of a draft model crosses a prefill -> decode transfer
+
+        def need_topk(self) -> bool:
+            return False  # no EAGLE top-k tree to relay between iterations
+
+        def create_future_map(self, device, req_to_token_pool, needs_cpu_seq_lens: bool = True):
+            from sglang.srt.managers.overlap_utils import FutureMap
+
+            return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens)
 
     SpeculativeAlgorithm.register(ALGORITHM_NAME, supports_overlap=False, validate_server_args=validate_server_args,
                                   spec_class=ISDSpecAlgo)(_worker_factory)

@@ -22,6 +22,10 @@ bias, grammars, logprobs (the worker warns once when a batch asks for them).
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -68,6 +72,81 @@ class ISDVerifyInput(SpecInput):
         pass
 
 
+class StepProfiler:
+    """Where an ISD decode iteration's time goes, logged every ``every`` steps (``IDLM_ISD_PROFILE=N``; off by
+    default because it synchronises the GPU between phases).
+
+    Phases: ``host`` (from the end of the previous decode step to the start of this one: SGLang's scheduler, result
+    processing, KV reservation), ``build`` (step rows), ``forward`` (the TARGET_VERIFY forward incl. logits),
+    ``commit`` (verification, next drafts). Means in ms, per batch size bucket.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.sums: dict[int, list[float]] = defaultdict(lambda: [0.0] * 5)  # host, build, fwd, commit, graphs
+        self.counts: dict[int, int] = defaultdict(int)
+        self.last_end: float | None = None
+        self.steps = 0
+
+    @staticmethod
+    def now() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def record(self, bs: int, start: float, marks: list[float], graph: bool) -> None:
+        host = start - self.last_end if self.last_end is not None and start - self.last_end < 1.0 else 0.0
+        phases = [host, marks[0] - start, marks[1] - marks[0], marks[2] - marks[1], float(graph)]
+        bucket = 1 << max(bs - 1, 0).bit_length()
+        for i, v in enumerate(phases):
+            self.sums[bucket][i] += v
+        self.counts[bucket] += 1
+        self.last_end = marks[2]
+        self.steps += 1
+        if self.steps % self.every == 0:
+            for b in sorted(self.counts):
+                n, (h, bu, f, c, g) = self.counts[b], self.sums[b]
+                log.warning("ISD profile bs<=%d (%d steps): host %.2f ms, build %.2f, forward %.2f, commit %.2f; "
+                            "CUDA graph on %.0f%%", b, n, 1e3 * h / n, 1e3 * bu / n, 1e3 * f / n, 1e3 * c / n,
+                            100 * g / n)
+            self.sums.clear()
+            self.counts.clear()
+
+
+class _NoDraftModel:
+    """The draft side of a worker without a draft model, as SGLang's scheduler reads it.
+
+    ``kv_cache_builder.get_draft_kv_pool`` reads ``spec_worker.draft_worker.draft_runner.token_to_kv_pool`` for every
+    algorithm but NGRAM; None there means "no draft KV pool" (disaggregation and HiCache then skip it).
+    """
+
+    def __init__(self) -> None:
+        self.draft_runner = SimpleNamespace(token_to_kv_pool=None)
+
+
+def use_splitkv_verify(backend) -> bool:
+    """Route the triton backend's TARGET_VERIFY attention through SGLang's split-KV verify kernel.
+
+    SGLang's triton backend runs a verify step through its prefill kernel, which tiles queries by 128 rows per
+    (request, head) and walks the prefix serially: for ISD's 2N - 1 rows per request that is mostly padding, and the
+    attention alone cost more than the linear layers in our H100 profile (docs/serving.md). SGLang 0.5.15 ships
+    ``verify_splitkv_fwd`` (flash-decode over the prefix, then the small causal block of step rows) for EAGLE's
+    top-k = 1 chain, enabled only on AMD gfx95. Its precondition is ours exactly: pure causal attention over
+    [prefix | step rows], the same number of rows per request, no sinks / sliding window / logit cap (it checks
+    those per call and falls back to the prefill kernel otherwise). ``IDLM_ISD_SPLITKV=0`` keeps the prefill kernel.
+    Returns whether the kernel is on.
+    """
+    if os.environ.get("IDLM_ISD_SPLITKV", "1") == "0":
+        log.info("ISD: IDLM_ISD_SPLITKV=0, verify attention uses the prefill kernel")
+        return False
+    if not (hasattr(backend, "use_verify_splitkv") and callable(getattr(backend, "verify_splitkv_fwd", None))):
+        log.info("ISD: attention backend %s has no split-KV verify kernel; verify uses its own path",
+                 type(backend).__name__)
+        return False
+    backend.use_verify_splitkv = True
+    log.info("ISD: verify attention uses SGLang's split-KV verify kernel (triton backend)")
+    return True
+
+
 class ISDWorker(BaseSpecWorker):
     """The worker SGLang's scheduler builds from ``--speculative-algorithm ISD`` (see `plugin.register`)."""
 
@@ -88,6 +167,10 @@ class ISDWorker(BaseSpecWorker):
             raise RuntimeError(f"ISD: mask token id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
         self.state: ISDStateTable | None = None  # built in alloc_memory_pool, once the req pool exists
         self._warned: set[str] = set()
+        self._no_draft = _NoDraftModel()
+        self.splitkv = False  # set in init_attention_backends
+        every = int(os.environ.get("IDLM_ISD_PROFILE", "0") or 0)
+        self.profiler = StepProfiler(every) if every > 0 else None
         log.info("ISD worker: stride %d (%d rows per request per step), mask id %d, draft mode %s",
                  stride, self.rows, self.mask_token_id, self.cfg.draft_mode)
 
@@ -98,8 +181,8 @@ class ISDWorker(BaseSpecWorker):
         return self._target_worker
 
     @property
-    def draft_worker(self):
-        return None  # no draft model: the MASK rows of the verify forward draft
+    def draft_worker(self) -> _NoDraftModel:
+        return self._no_draft  # no draft model: the MASK rows of the verify forward draft
 
     def alloc_memory_pool(self, **kwargs) -> None:
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
@@ -109,6 +192,11 @@ class ISDWorker(BaseSpecWorker):
     def clear_cache_pool(self) -> None:
         if self.state is not None:
             self.state.num_drafts.zero_()
+
+    def init_attention_backends(self) -> None:
+        """Runs after the target's attention backend exists and before CUDA graphs are captured: switch the triton
+        backend's TARGET_VERIFY attention to SGLang's split-KV verify kernel (see `use_splitkv_verify`)."""
+        self.splitkv = use_splitkv_verify(self.model_runner.attn_backend)
 
     def update_weights_from_tensor(self, recv_req):
         return self.target_worker.update_weights_from_tensor(recv_req)
@@ -145,6 +233,8 @@ class ISDWorker(BaseSpecWorker):
         """One ISD step: a TARGET_VERIFY forward of 2N - 1 rows per request, verification, next drafts."""
         bs = len(batch.reqs)
         self._warn_unsupported(batch)
+        prof = self.profiler
+        t_start = prof.now() if prof else 0.0
         step = self.state.build(batch.req_pool_indices, batch.seq_lens)
         input_ids = step.input_ids.reshape(-1)
         positions = step.position_ids.reshape(-1)
@@ -160,7 +250,10 @@ class ISDWorker(BaseSpecWorker):
             device=self.device,
         )
         batch.spec_info = ISDVerifyInput(self.rows, positions=positions, draft_token=input_ids)
+        marks = [prof.now()] if prof else []
         result = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        if prof:
+            marks.append(prof.now())
         logits = result.logits_output.next_token_logits
         if logits is None or logits.shape[0] != bs * self.rows:
             got = None if logits is None else tuple(logits.shape)
@@ -171,6 +264,9 @@ class ISDWorker(BaseSpecWorker):
         if not info.is_all_greedy:
             sampling = SamplingView(info.temperatures.view(-1), info.top_ks.view(-1), info.top_ps.view(-1))
         out = self.state.commit(batch.req_pool_indices, step, logits[:, :self.vocab_size], batch.seq_lens, sampling)
+        if prof:
+            marks.append(prof.now())
+            prof.record(bs, t_start, marks, bool(result.can_run_cuda_graph))
         if on_publish is not None:
             on_publish(out.new_seq_lens)
         batch.forward_mode = ForwardMode.DECODE

@@ -1,9 +1,10 @@
 """One-call GPU check of ISD under SGLang (run by scripts/dev/sglang_gpu_check.sh on an H100, <= 10 minutes).
 
-1. correctness: a small random Qwen3-shaped I-DLM checkpoint on disk; SGLang ISD (N = 4, started with the paper's
-   --dllm-algorithm spelling) vs the reference engine (same weights, bf16, CUDA) vs SGLang AR, greedy, 50 prompts
-   sent as one batch (continuous batching, CUDA graphs); each difference is explained by the top-2 logit gap of the
-   fp32 reference at the first differing token (a bf16 near-tie) or flagged. Also: a sampled request, a bad request
+1. correctness: a small Qwen3-shaped I-DLM checkpoint, trained for a few seconds on a synthetic language so that its
+   greedy choices are not bf16 coin flips; SGLang ISD (N = 4, started with the paper's --dllm-algorithm spelling)
+   vs the reference engine (same weights, bf16, CUDA) vs SGLang AR, greedy, 50 prompts sent as one batch
+   (continuous batching, CUDA graphs); each difference is explained by the top-2 logit gap of the fp32 reference at
+   the first differing token (a bf16 near-tie) or flagged. Also: a sampled request, a bad request
    and a client that disconnects mid-stream leave the server serving.
 2. speed (if time allows): Qwen3-8B-shaped dummy weights, ISD N = 4 vs SGLang AR, C = 1, 8, 32, 64, with
    `idlm bench throughput --api sglang`; docs/results/serving_h100.json and .md into $OUT.
@@ -164,7 +165,7 @@ def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServe
     tpfs = [t for t in (decode_tpf(r) for r in isd_res) if t is not None]
     REPORT["tiny_tpf_mean"] = sum(tpfs) / len(tpfs) if tpfs else None
     check("isd_tpf_reported", bool(tpfs) and all(1.0 <= t <= 4.0 for t in tpfs),
-          f"mean TPF {REPORT['tiny_tpf_mean']} over {len(tpfs)} requests (random weights: drafts mostly rejected)")
+          f"mean TPF {REPORT['tiny_tpf_mean']} over {len(tpfs)} requests (N = 4)")
     compare("sglang_isd_vs_reference_engine", tiny, prompts, got, ref)
     compare("sglang_isd_vs_sglang_ar", tiny, prompts, got, ar_out)
     compare("sglang_ar_vs_reference_engine", tiny, prompts, ar_out, ref)
@@ -237,6 +238,10 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=330)
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--train-steps", type=int, default=int(os.environ.get("TRAIN_STEPS", "300")),
+                    help="steps of the synthetic-language training of the tiny model (tests/gpu/sglang_helpers.py)")
+    ap.add_argument("--profile", type=int, default=int(os.environ.get("ISD_PROFILE", "0")),
+                    help="log the 8B ISD server's step-time breakdown every N steps (IDLM_ISD_PROFILE; syncs the GPU)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +256,6 @@ def main() -> int:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
         REPORT["gpu"] = torch.cuda.get_device_name(0)
-        tiny, vocab = build_tiny_idlm(work, stride=4) if 1 in phases else (None, None)
         big = write_dummy_qwen3_8b(work, stride=4) if 2 in phases else None
         small = ["--mem-fraction-static", "0.8", "--max-total-tokens", "60000", "--max-running-requests", "64",
                  "--cuda-graph-max-bs", "64", "--dtype", "bfloat16"]
@@ -259,16 +263,26 @@ def main() -> int:
                 "--max-running-requests", "64", "--cuda-graph-max-bs", "64", "--dtype", "bfloat16",
                 "--context-length", "4096"]
         yaml4 = ROOT / "configs/inference/idlm_blockN4.yaml"
-        if 1 in phases:
-            servers += [SGLangServer("tiny-isd", str(tiny), 30011, paper_isd_flags(yaml4) + small,
-                                     out / "logs/tiny_isd.log"),
-                        SGLangServer("tiny-ar", str(tiny), 30012, small, out / "logs/tiny_ar.log")]
-        if 2 in phases:
-            servers += [SGLangServer("8b-isd", str(big), 30013, isd_flags(4) + bigf, out / "logs/8b_isd.log"),
+        profile_env = {"IDLM_ISD_PROFILE": str(args.profile)} if args.profile else {}
+        if 2 in phases:  # the 8B servers start first: their start-up is the longest
+            servers += [SGLangServer("8b-isd", str(big), 30013, isd_flags(4) + bigf, out / "logs/8b_isd.log",
+                                     env=profile_env),
                         SGLangServer("8b-ar", str(big), 30014, bigf, out / "logs/8b_ar.log")]
-        for s in servers:
-            say(f"starting {s.name}: log {s.log_path}")
-            s.start()
+            for s in servers:
+                say(f"starting {s.name}: log {s.log_path}")
+                s.start()
+        if 1 in phases:
+            t = elapsed()
+            tiny, vocab = build_tiny_idlm(work, stride=4, train_steps=args.train_steps)
+            say(f"tiny I-DLM built and trained ({args.train_steps} steps on the synthetic language) in "
+                f"{elapsed() - t:.0f} s")
+            tiny_servers = [SGLangServer("tiny-isd", str(tiny), 30011, paper_isd_flags(yaml4) + small,
+                                         out / "logs/tiny_isd.log"),
+                            SGLangServer("tiny-ar", str(tiny), 30012, small, out / "logs/tiny_ar.log")]
+            for s in tiny_servers:
+                say(f"starting {s.name}: log {s.log_path}")
+                s.start()
+            servers += tiny_servers
         by = {s.name: s for s in servers}
         if 1 in phases:
             try:
@@ -281,7 +295,8 @@ def main() -> int:
             if left < 150:
                 check("speed_phase", False, f"skipped: only {left:.0f} s of the budget left (run with PHASES=2)")
             else:
-                phase_speed(by["8b-isd"], by["8b-ar"], max(60.0, left - 120), out, levels, args.output_len)
+                # start-up timeouts count from each server's launch; the AR sweep takes ~30 s after it is up
+                phase_speed(by["8b-isd"], by["8b-ar"], elapsed() + max(60.0, left - 45), out, levels, args.output_len)
     except Exception as exc:
         REPORT["errors"].append("".join(traceback.format_exception(exc))[-4000:])
         SUMMARY.append(f"ERROR {type(exc).__name__}: {str(exc)[:2000]}")

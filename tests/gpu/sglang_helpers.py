@@ -14,7 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Flags seen working on an H100 with the offline SGLang 0.5.15 bundle (../shared/device/build-sglang-bundle.sh).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
-              "--skip-tokenizer-init", "--log-level", "warning"]
+              "--skip-tokenizer-init", "--log-level", "warning",
+              # prefill graphs take ~80 s to capture per server and do not touch the decode step measured here
+              "--disable-prefill-cuda-graph"]
 
 QWEN3_8B_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
@@ -150,9 +152,52 @@ def decode_tpf(result: dict) -> float | None:
     return (n - 1) / ct if ct and n else None
 
 
-def build_tiny_idlm(out_dir: Path, stride: int = 4, seed: int = 0) -> tuple[Path, int]:
-    """A small random Qwen3-shaped I-DLM checkpoint (bf16, head_dim 128) on disk, shared by the reference engine and
-    SGLang. Returns (checkpoint dir, vocabulary size)."""
+MARKOV_LO, MARKOV_HI = 10, 380  # token range of the synthetic language (and of `random_prompts` in the checks)
+
+
+def train_markov(model, mask_token_id: int, stride: int, steps: int, seed: int = 0, batch_size: int = 64) -> float:
+    """Train ``model`` (on a GPU) in place with the [x_t | x_0] objective on a synthetic language: a random prompt
+    over [MARKOV_LO, MARKOV_HI), then a continuation that follows a fixed random permutation of that range
+    (x_{t+1} = perm[x_t]). A random-weight model has near-flat logits, so bf16 rounding flips its greedy argmax
+    all the time; after this, its top-2 gaps are wide, greedy outputs are stable across engines, and its MASK rows
+    learn perm^k, so ISD drafts get accepted. Returns the final loss."""
+    import torch
+
+    from idlm.config import IDLMConfig
+    from idlm.objective import idlm_loss
+
+    g = torch.Generator().manual_seed(seed)
+    span = MARKOV_HI - MARKOV_LO
+    perm = torch.randperm(span, generator=g) + MARKOV_LO
+    device = next(model.parameters()).device
+    cfg = IDLMConfig(mask_token_id=mask_token_id, stride=stride)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        prompt_len = int(torch.randint(4, 41, (1,), generator=g))
+        length = prompt_len + 56
+        ids = torch.randint(MARKOV_LO, MARKOV_HI, (batch_size, length), generator=g)
+        for t in range(prompt_len, length):
+            ids[:, t] = perm[ids[:, t - 1] - MARKOV_LO]
+        labels = ids.clone()
+        labels[:, :prompt_len] = -100
+        for grp in opt.param_groups:
+            grp["lr"] = 2e-3 * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = idlm_loss(model, ids.to(device), labels.to(device), cfg).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss)
+
+
+def build_tiny_idlm(out_dir: Path, stride: int = 4, seed: int = 0, train_steps: int = 0) -> tuple[Path, int]:
+    """A small Qwen3-shaped I-DLM checkpoint (bf16, head_dim 128) on disk, shared by the reference engine and
+    SGLang: random weights, then ``train_steps`` steps of `train_markov` on the GPU (0: stay random).
+    Returns (checkpoint dir, vocabulary size)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -174,6 +219,17 @@ def build_tiny_idlm(out_dir: Path, stride: int = 4, seed: int = 0) -> tuple[Path
     model.save_pretrained(base)
     tok.save_pretrained(base)
     convert(base=str(base), output=str(ckpt), stride=stride, dtype="bfloat16", overwrite=True)
+    if train_steps > 0:
+        config_text = (ckpt / "config.json").read_text()  # keeps the idlm block exactly as convert wrote it
+        mask_id = json.loads(config_text)["idlm"]["mask_token_id"]
+        trained = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).cuda()
+        final = train_markov(trained, mask_id, stride, train_steps, seed=seed)
+        if not final < 1.0:
+            raise RuntimeError(f"train_markov: loss {final:.3f} after {train_steps} steps (expected < 1)")
+        trained.to(torch.bfloat16).save_pretrained(ckpt)
+        (ckpt / "config.json").write_text(config_text)
+        del trained
+        torch.cuda.empty_cache()
     return ckpt, cfg.vocab_size
 
 

@@ -32,7 +32,7 @@ FLAGS = ["--mem-fraction-static", "0.8", "--max-total-tokens", "60000", "--max-r
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny_idlm(tmp_path_factory.mktemp("sglang_isd"), stride=4)
+    return build_tiny_idlm(tmp_path_factory.mktemp("sglang_isd"), stride=4, train_steps=300)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call (<= 10 min on an H100): the SGLang ISD check (correctness + serving speed, scripts/dev/
+# sglang_gpu_check.sh) and then the training-throughput bench of the objective vs plain SFT (`idlm bench train`).
+#   run(command="bash scripts/dev/final_gpu_run.sh", carry=[".device"], timeout_s=600)
+# Results under $OUT: sglang_gpu_check.json, docs/results/serving_h100.{json,md}, logs/, bench_train_*.json.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export OUT=${OUT:-$PWD/outputs/final_gpu_run}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-400} timeout 450 bash scripts/dev/sglang_gpu_check.sh 2>&1 \
+  | grep -v "Capturing\|Ignore import error\|SyntaxWarning\|Configuration class\|near-tie)" | tail -60
+rm -rf "$OUT/work"
+for spec in "qwen3-0.6b 1" "qwen3-1.7b 1" "qwen3-1.7b 2"; do
+  set -- $spec
+  timeout 60 idlm bench train --shape "$1" --seq-len 4096 --batch-size "$2" --stride 4 --attn flex_attention \
+    --steps 5 --json > "$OUT/bench_train_$1_b$2.json" 2> "$OUT/bench_train_$1_b$2.log" \
+    || echo "bench train $1 b$2 failed: $(tail -3 "$OUT/bench_train_$1_b$2.log")"
+done
+python3 - <<'PY'
+import glob, json, os
+for f in sorted(glob.glob(os.environ["OUT"] + "/bench_train_*.json")):
+    try:
+        d = json.load(open(f))
+    except Exception as e:
+        print(f, "unreadable", e); continue
+    print(os.path.basename(f), json.dumps(d)[:600])
+PY
