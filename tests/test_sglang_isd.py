@@ -250,3 +250,12 @@ def test_sglang_internals_pinned():
     assert 'getattr(spec_info, "custom_mask", None) is not None' in triton  # no mask -> causal verify
     logits = _sglang_file("srt/layers/logits_processor.py")
     assert "is_target_verify()" in logits  # all-row logits in TARGET_VERIFY
+    # worker._NoDraftModel: the scheduler reads the draft KV pool through this chain for every non-NGRAM algorithm
+    assert "draft_worker.draft_worker.draft_runner" in _sglang_file("srt/mem_cache/kv_cache_builder.py")
+    # plugin.ISDSpecAlgo adds the methods the scheduler calls that CustomSpecAlgo lacks; re-check when it gains them
+    registry = _sglang_file("srt/speculative/spec_registry.py")
+    for method in ("carries_draft_hidden_states", "need_topk", "create_future_map"):
+        assert f"def {method}(" in spec_info and f"def {method}(" not in registry, method
+    # tuning.use_splitkv_verify: the backend flag and the kernel it gates
+    assert "self.use_verify_splitkv" in triton and "self.verify_splitkv_fwd(" in triton
+    assert "def can_handle(" in _sglang_file("srt/layers/attention/triton_ops/verify_splitkv.py")

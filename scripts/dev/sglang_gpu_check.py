@@ -178,7 +178,7 @@ def phase_speed(isd: SGLangServer, ar: SGLangServer, timeout: float, out: Path, 
                 output_len: int) -> None:
     from idlm.eval.throughput import BenchConfig, run_bench
 
-    rows = []
+    benches = {}
     for s, algo in ((isd, "isd"), (ar, "ar")):
         say(f"waiting for {s.name}")
         s.wait_ready(timeout)
@@ -189,9 +189,35 @@ def phase_speed(isd: SGLangServer, ar: SGLangServer, timeout: float, out: Path, 
         res = asyncio.run(run_bench(cfg))
         res["model"] = "Qwen3-8B shape, random weights (--load-format dummy)"
         (out / f"bench_{algo}.json").write_text(json.dumps(res, indent=2))
+        benches[algo] = res
         for e in res["results"]:
             if e.get("errors"):
                 REPORT["errors"].append(f"{algo} C={e['concurrency']}: {e.get('error_examples')}")
+    result, table = serving_results(benches["isd"], benches["ar"], levels)
+    res_dir = out / "docs" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    (res_dir / "serving_h100.json").write_text(json.dumps(result, indent=2) + "\n")
+    (res_dir / "serving_h100.md").write_text(table)
+    REPORT["speed"] = result
+    ratios = result["isd_step_over_ar_step"]
+    for c, target in ((32, 1.4), (64, 2.1)):
+        if c in levels:
+            r = ratios.get(str(c))
+            check(f"isd_step_ratio_C{c}", r is not None and r <= target,
+                  f"ISD step / AR step = {_fmt(r, 2)} (target <= {target})")
+    say(table)
+
+
+def _fmt(v, d=1) -> str:
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int]) -> tuple[dict, str]:
+    """docs/results/serving_h100.json (rows with engine, algorithm, stride, concurrency, tok_s_total, tok_s_per_req,
+    step_ms, ...) and its markdown table, from the two `idlm bench throughput` outputs of one run."""
+    rows = []
+    for algo, res in (("isd", bench_isd), ("ar", bench_ar)):
+        for e in res["results"]:
             rows.append({"engine": "sglang", "algorithm": algo, "stride": 4 if algo == "isd" else 1,
                          "concurrency": e["concurrency"], "tok_s_total": e.get("tok_s_total"),
                          "tok_s_per_req": e.get("tok_s_per_req"), "step_ms": e.get("step_ms"),
@@ -199,33 +225,34 @@ def phase_speed(isd: SGLangServer, ar: SGLangServer, timeout: float, out: Path, 
     step = {(r["algorithm"], r["concurrency"]): r["step_ms"] for r in rows}
     ratios = {c: (step[("isd", c)] / step[("ar", c)] if step.get(("isd", c)) and step.get(("ar", c)) else None)
               for c in levels}
-    result = {"format": "idlm-bench-throughput", "device": "1x H100", "sglang": "0.5.15",
+    result = {"format": "idlm-bench-throughput", "device": "1x H100 80GB HBM3", "sglang": "0.5.15",
               "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, triton attention, CUDA graphs",
-              "dataset": "random-512in", "max_tokens": output_len, "results": rows,
+              "dataset": "random-512in", "max_tokens": bench_isd.get("max_tokens"), "results": rows,
               "isd_step_over_ar_step": {str(c): r for c, r in ratios.items()},
               "targets": {"32": 1.4, "64": 2.1},
-              "command": "scripts/dev/sglang_gpu_check.sh"}
-    res_dir = out / "docs" / "results"
-    res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "serving_h100.json").write_text(json.dumps(result, indent=2) + "\n")
+              "command": "bash scripts/dev/final_gpu_run.sh (runs scripts/dev/sglang_gpu_check.sh)"}
     lines = ["| engine | algorithm | N | C | tok/s total | tok/s per request | step ms | TTFT ms | TPF |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| sglang | {r['algorithm']} | {r['stride']} | {r['concurrency']} | {fmt(r['tok_s_total'])} | "
-                     f"{fmt(r['tok_s_per_req'])} | {fmt(r['step_ms'], 2)} | {fmt(r['ttft_ms'])} | {fmt(r['tpf'], 2)} |")
+        lines.append(f"| sglang | {r['algorithm']} | {r['stride']} | {r['concurrency']} | {_fmt(r['tok_s_total'])} | "
+                     f"{_fmt(r['tok_s_per_req'])} | {_fmt(r['step_ms'], 2)} | {_fmt(r['ttft_ms'])} | "
+                     f"{_fmt(r['tpf'], 2)} |")
     lines += ["", "| C | ISD step / AR step | target |", "| --- | --- | --- |"]
     for c in levels:
-        lines.append(f"| {c} | {fmt(ratios[c], 2)} | {result['targets'].get(str(c), '-')} |")
-    (res_dir / "serving_h100.md").write_text("\n".join(lines) + "\n")
-    REPORT["speed"] = result
-    for c, target in ((32, 1.4), (64, 2.1)):
-        if c in levels:
-            r = ratios.get(c)
-            check(f"isd_step_ratio_C{c}", r is not None and r <= target,
-                  f"ISD step {fmt(step.get(('isd', c)), 2)} ms / AR step {fmt(step.get(('ar', c)), 2)} ms = "
-                  f"{fmt(r, 2)} (target <= {target})")
-    say("\n".join(lines))
+        lines.append(f"| {c} | {_fmt(ratios[c], 2)} | {result['targets'].get(str(c), '-')} |")
+    return result, "\n".join(lines) + "\n"
+
+
+def rebuild(bench_dir: Path, out_dir: Path, levels: list[int]) -> None:
+    """Write serving_h100.{json,md} from bench_isd.json / bench_ar.json of an earlier run (e.g. when the device
+    call could not bring every file back)."""
+    isd = json.loads((bench_dir / "bench_isd.json").read_text())
+    ar = json.loads((bench_dir / "bench_ar.json").read_text())
+    result, table = serving_results(isd, ar, levels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serving_h100.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "serving_h100.md").write_text(table)
+    print(table)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -242,7 +269,12 @@ def main() -> int:
                     help="steps of the synthetic-language training of the tiny model (tests/gpu/sglang_helpers.py)")
     ap.add_argument("--profile", type=int, default=int(os.environ.get("ISD_PROFILE", "0")),
                     help="log the 8B ISD server's step-time breakdown every N steps (IDLM_ISD_PROFILE; syncs the GPU)")
+    ap.add_argument("--rebuild", metavar="BENCH_DIR", help="only write serving_h100.{json,md} into --out from "
+                    "BENCH_DIR/bench_{isd,ar}.json of an earlier run (no GPU needed)")
     args = ap.parse_args()
+    if args.rebuild:
+        rebuild(Path(args.rebuild), Path(args.out), [int(c) for c in args.levels.split(",")])
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
