@@ -73,8 +73,6 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
 
     from idlm.inference.sglang_isd.config import build_launch_command
 
-    if args.lora:
-        raise UserError("R-ISD (--lora) is not available with --engine sglang yet; use --engine native")
     if args.stride is not None and args.stride < 2:
         raise UserError(f"--stride must be >= 2 for ISD under SGLang, got {args.stride}")
     if not 0 <= args.port <= 65535:
@@ -86,7 +84,7 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
         extra += ["--dtype", args.dtype]
     extra += shlex.split(args.sglang_args or "")
     argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port, python=sys.executable,
-                                     draft_mode=args.draft_mode, extra=extra)
+                                     draft_mode=args.draft_mode, extra=extra, lora=args.lora)
     if args.print_command:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv))
         return 0

@@ -204,6 +204,33 @@ def test_launch_command_and_cli(tmp_path, capsys):
     assert "not an I-DLM checkpoint" in capsys.readouterr().err
 
 
+def test_risd_launch_command_and_server_args(tmp_path, monkeypatch, capsys):
+    """R-ISD under SGLang: a plain base model plus a gated adapter; the adapter gives stride and MASK id, its path
+    travels to the worker in IDLM_ISD_CONFIG, and the server arguments the gated LoRA cannot work with are refused."""
+    from idlm.inference.lora import save_gated_lora
+
+    base = tmp_path / "base"
+    tiny_model("qwen3", vocab_size=41, hidden_size=32, seed=3).save_pretrained(base)  # no idlm block
+    adapter = tmp_path / "adapter"
+    save_gated_lora(str(base), adapter, stride=3, mask_token_id=40, rank=2, init_std=0.1)
+    argv, env = build_launch_command(str(base), None, lora=str(adapter))
+    assert argv[argv.index("--speculative-num-draft-tokens") + 1] == "5"  # the adapter's stride 3
+    cfg = json.loads(env[ENV_CONFIG])
+    assert cfg["stride"] == 3 and Path(cfg["lora"]) == adapter.resolve()
+    assert main(["serve", "--engine", "sglang", "--model", str(base), "--lora", str(adapter), "--stride", "4",
+                 "--print-command"]) == 0
+    assert "--speculative-num-draft-tokens 7" in capsys.readouterr().out
+    monkeypatch.setenv(ENV_CONFIG, env[ENV_CONFIG])
+    args = _args(speculative_num_draft_tokens=5, tp_size=1, enable_torch_compile=False,
+                 disable_prefill_cuda_graph=False)
+    validate_server_args(args)
+    assert args.disable_prefill_cuda_graph  # the gate lives in a Python wrapper: prefill stays eager
+    with pytest.raises(UserError, match="tensor parallel size 1"):
+        validate_server_args(_args(speculative_num_draft_tokens=5, tp_size=2))
+    with pytest.raises(UserError, match="R-ISD"):  # SGLang's own per-request LoRA is not the gated one
+        validate_server_args(_args(speculative_num_draft_tokens=5, enable_lora=True))
+
+
 def test_entry_point_declared():
     text = (ROOT / "pyproject.toml").read_text()
     assert '[project.entry-points."sglang.srt.plugins"]' in text

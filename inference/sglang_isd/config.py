@@ -46,11 +46,14 @@ class ISDServeConfig:
         else sample from p without x*; needs no stored q) or "sample" (x ~ q, min(1, p/q) with residual; keeps each
         request's q of shape [N - 1, V] on the GPU). Greedy requests always verify by argmax (exact greedy AR).
     seed: seeds the worker's GPU generator for acceptance and sampling uniforms.
+    lora: R-ISD: a gated-LoRA adapter directory (`idlm.inference.lora`) applied to the MASK rows of the served base
+        model only (`gated_lora.py`); its ``idlm_adapter.json`` gives the MASK id. None: the model is an I-DLM.
     """
 
     stride: int
     draft_mode: str = "argmax"
     seed: int = 0
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 2:
@@ -70,7 +73,7 @@ class ISDServeConfig:
         return (rows + 1) // 2
 
     def to_env(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
 
     @classmethod
     def from_env(cls, stride: int | None = None) -> ISDServeConfig | None:
@@ -206,8 +209,16 @@ def validate_server_args(args: Any) -> None:
     if getattr(args, "speculative_draft_model_path", None):
         raise UserError("ISD drafts with the served model itself; drop --speculative-draft-model-path")
     if getattr(args, "enable_lora", False) or getattr(args, "lora_paths", None):
-        raise UserError("R-ISD (gated LoRA) is not available under SGLang yet; use `idlm serve --engine native "
-                        "--lora DIR` (see docs/serving.md)")
+        raise UserError("SGLang's own LoRA (--enable-lora / --lora-paths) puts an adapter on every row of a request; "
+                        "for R-ISD give the gated adapter to ISD instead: `idlm serve --engine sglang --lora DIR`")
+    env_cfg = ISDServeConfig.from_env()
+    if env_cfg is not None and env_cfg.lora:
+        if getattr(args, "tp_size", 1) != 1:
+            raise UserError("R-ISD under SGLang (gated LoRA) supports tensor parallel size 1 only")
+        if getattr(args, "enable_torch_compile", False):
+            raise UserError("R-ISD under SGLang (gated LoRA) does not support --enable-torch-compile")
+        # the gate is computed in a Python wrapper of the model's forward: keep prefill out of compiled graphs
+        args.disable_prefill_cuda_graph = True
     if getattr(args, "pp_size", 1) != 1:
         raise UserError("ISD under SGLang supports pipeline parallel size 1 only")
     if getattr(args, "enable_dp_attention", False):
@@ -236,13 +247,21 @@ def build_launch_command(
     python: str = "python3",
     draft_mode: str = "argmax",
     extra: list[str] | None = None,
+    lora: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) that start SGLang with ISD on ``model``.
+    """(argv, extra environment) that start SGLang with ISD on ``model`` (R-ISD on a base model with ``lora``, a
+    gated-LoRA adapter directory).
 
-    stride None takes the checkpoint's. The flags that were seen working on an H100 with the offline SGLang bundle
-    (triton attention, pytorch sampling, no grammar backend) are the defaults; ``extra`` is appended verbatim, so a
-    later flag overrides them.
+    stride None takes the checkpoint's (the adapter's with ``lora``). The flags that were seen working on an H100
+    with the offline SGLang bundle (triton attention, pytorch sampling, no grammar backend) are the defaults;
+    ``extra`` is appended verbatim, so a later flag overrides them.
     """
+    if lora is not None:
+        from idlm.inference.lora import GatedLoRAConfig
+
+        meta = GatedLoRAConfig.load(lora)
+        cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()))
+        return _launch_argv(python, model, host, port, cfg) + list(extra or []), {ENV_CONFIG: cfg.to_env()}
     block = read_idlm_block(model)
     if stride is None:
         if not block or "stride" not in block:
@@ -252,8 +271,11 @@ def build_launch_command(
         raise UserError(f"{model} is not an I-DLM checkpoint (no 'idlm' block in config.json): convert it with "
                         "`idlm convert`")
     cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
-    argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
+    return _launch_argv(python, model, host, port, cfg) + list(extra or []), {ENV_CONFIG: cfg.to_env()}
+
+
+def _launch_argv(python: str, model: str, host: str, port: int, cfg: ISDServeConfig) -> list[str]:
+    return [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
             "--disable-overlap-schedule", "--attention-backend", "triton", "--sampling-backend", "pytorch",
             "--grammar-backend", "none"]
-    return argv + list(extra or []), {ENV_CONFIG: cfg.to_env()}

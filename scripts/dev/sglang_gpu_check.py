@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.gpu.sglang_helpers import (  # noqa: E402
     SGLangServer,
+    build_random_gated_lora,
     build_tiny_idlm,
     decode_tpf,
     generate,
@@ -144,7 +145,8 @@ def sampled_smoke(server: SGLangServer) -> None:
           f"4 sampled requests (T 0.8, top_p 0.9, top_k 50): lengths {lens}, {distinct} distinct outputs")
 
 
-def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServer, timeout: float) -> None:
+def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServer, timeout: float,
+                      risd: SGLangServer | None = None) -> None:
     prompts = random_prompts(50, 10, 380, 4, 40, seed=1)
     max_new = 48
     say("reference engine (bf16, CUDA) on 50 prompts")
@@ -169,6 +171,14 @@ def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServe
     compare("sglang_isd_vs_reference_engine", tiny, prompts, got, ref)
     compare("sglang_isd_vs_sglang_ar", tiny, prompts, got, ar_out)
     compare("sglang_ar_vs_reference_engine", tiny, prompts, ar_out, ref)
+    if risd is not None:  # R-ISD: the same weights as a base model plus a random gated LoRA on the MASK rows
+        say(f"waiting for {risd.name}")
+        risd.wait_ready(timeout)
+        risd_res = generate(risd.url, prompts, max_new)
+        risd_tpfs = [t for t in (decode_tpf(r) for r in risd_res) if t is not None]
+        REPORT["risd_tpf_mean"] = sum(risd_tpfs) / len(risd_tpfs) if risd_tpfs else None
+        compare("sglang_risd_vs_sglang_ar", tiny, prompts, [output_ids(r) for r in risd_res], ar_out)
+        say(f"R-ISD mean TPF {REPORT['risd_tpf_mean']} (random adapter: drafts are mostly rejected)")
     sampled_smoke(isd)
     robustness(isd, vocab)
 
@@ -308,9 +318,13 @@ def main() -> int:
             tiny, vocab = build_tiny_idlm(work, stride=4, train_steps=args.train_steps)
             say(f"tiny I-DLM built and trained ({args.train_steps} steps on the synthetic language) in "
                 f"{elapsed() - t:.0f} s")
+            adapter = build_random_gated_lora(tiny, work / "tiny_gated_lora", stride=4)
+            risd_env = {"IDLM_ISD_CONFIG": json.dumps({"stride": 4, "lora": str(adapter)})}
             tiny_servers = [SGLangServer("tiny-isd", str(tiny), 30011, paper_isd_flags(yaml4) + small,
                                          out / "logs/tiny_isd.log"),
-                            SGLangServer("tiny-ar", str(tiny), 30012, small, out / "logs/tiny_ar.log")]
+                            SGLangServer("tiny-ar", str(tiny), 30012, small, out / "logs/tiny_ar.log"),
+                            SGLangServer("tiny-risd", str(tiny), 30015, isd_flags(4) + small,
+                                         out / "logs/tiny_risd.log", env=risd_env)]
             for s in tiny_servers:
                 say(f"starting {s.name}: log {s.log_path}")
                 s.start()
@@ -318,9 +332,9 @@ def main() -> int:
         by = {s.name: s for s in servers}
         if 1 in phases:
             try:
-                phase_correctness(tiny, vocab, by["tiny-isd"], by["tiny-ar"], args.startup_timeout)
+                phase_correctness(tiny, vocab, by["tiny-isd"], by["tiny-ar"], args.startup_timeout, by["tiny-risd"])
             finally:
-                for name in ("tiny-isd", "tiny-ar"):
+                for name in ("tiny-isd", "tiny-ar", "tiny-risd"):
                     by[name].stop()  # free the GPU for the timing phase
         if 2 in phases:
             left = args.budget - elapsed()

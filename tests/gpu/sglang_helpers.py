@@ -233,6 +233,17 @@ def build_tiny_idlm(out_dir: Path, stride: int = 4, seed: int = 0, train_steps: 
     return ckpt, cfg.vocab_size
 
 
+def build_random_gated_lora(base: Path, out_dir: Path, stride: int = 4, rank: int = 8, init_std: float = 0.02) -> Path:
+    """A random non-zero gated-LoRA adapter (R-ISD) for the checkpoint ``base``, on its free MASK row: the adapter
+    changes the MASK rows' predictions, so R-ISD under SGLang must still give the base model's output."""
+    from idlm.inference.lora import save_gated_lora
+
+    mask_id = json.loads((base / "config.json").read_text())["idlm"]["mask_token_id"]
+    if not (out_dir / "adapter_config.json").is_file():
+        save_gated_lora(str(base), out_dir, stride=stride, mask_token_id=mask_id, rank=rank, init_std=init_std)
+    return out_dir
+
+
 def write_dummy_qwen3_8b(out_dir: Path, stride: int = 4) -> Path:
     """A Qwen3-8B config.json with an idlm block: with --load-format dummy SGLang serves random weights of that
     shape (no checkpoint, no tokenizer with --skip-tokenizer-init)."""

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 
 from tests.gpu.sglang_helpers import (  # noqa: E402
     SGLangServer,
+    build_random_gated_lora,
     build_tiny_idlm,
     decode_tpf,
     generate,
@@ -82,3 +83,23 @@ def test_sampled_bad_and_disconnect(servers):
         for _ in resp.iter_lines():
             break
     assert len(output_ids(generate(isd.url, [[9, 8, 7]], 8)[0])) == 8 and isd.alive()
+
+
+def test_risd_equals_base_ar(tiny, servers, tmp_path_factory):
+    """R-ISD under SGLang: the same weights served as a base model with a random gated LoRA on the MASK rows."""
+    import json
+
+    ckpt, _ = tiny
+    _, ar = servers
+    adapter = build_random_gated_lora(ckpt, tmp_path_factory.mktemp("gated_lora"), stride=4)
+    env = {"IDLM_ISD_CONFIG": json.dumps({"stride": 4, "lora": str(adapter)})}
+    logs = tmp_path_factory.mktemp("risd_logs")
+    risd = SGLangServer("risd", str(ckpt), 30023, isd_flags(4) + FLAGS, logs / "risd.log", env=env).start()
+    try:
+        risd.wait_ready(400)
+        prompts = random_prompts(50, 10, 380, 4, 40, seed=2)
+        got = [output_ids(r) for r in generate(risd.url, prompts, 48)]
+        want = [output_ids(r) for r in generate(ar.url, prompts, 48)]
+        assert sum(g == w for g, w in zip(got, want)) >= 48, "SGLang R-ISD differs from SGLang AR on > 2 of 50"
+    finally:
+        risd.stop()
