@@ -13,28 +13,77 @@ import torch
 log = logging.getLogger("idlm.inference.sglang_isd.worker")
 
 
-def use_splitkv_verify(backend) -> bool:
-    """Route the triton backend's TARGET_VERIFY attention through SGLang's split-KV verify kernel.
+VERIFY_ATTENTION = ("splitkv", "gqa", "prefill")
+ENV_VERIFY_ATTENTION = "IDLM_ISD_VERIFY_ATTENTION"
+
+
+def select_verify_attention(backend, choice: str | None = None) -> str:
+    """Choose the kernel of the triton backend's TARGET_VERIFY attention; returns the one in use.
 
     SGLang's triton backend runs a verify step through its prefill kernel, which tiles queries by 128 rows per
-    (request, head) and walks the prefix serially: for ISD's 2N - 1 rows per request that is mostly padding. SGLang
-    0.5.15 ships ``verify_splitkv_fwd`` (flash-decode over the prefix, then the small causal block of step rows) for
-    EAGLE's top-k = 1 chain, enabled only on AMD gfx95. Its precondition is ours exactly: pure causal attention over
-    [prefix | step rows], the same number of rows per request, no sinks / sliding window / logit cap (it checks
-    those per call and falls back to the prefill kernel otherwise). On an H100 with a Qwen3-8B shape it cut the ISD
-    step time by 26% at C = 32 and 30% at C = 64 (docs/results/serving_h100.md). ``IDLM_ISD_SPLITKV=0`` keeps the
-    prefill kernel. Returns whether the kernel is on.
+    (request, head) and walks the prefix serially: for ISD's 2N - 1 rows per request that is mostly padding.
+
+    * ``splitkv`` (default): SGLang 0.5.15's own ``verify_splitkv_fwd`` (flash-decode over the prefix, then the small
+      causal block of step rows), shipped for EAGLE's top-k = 1 chain and enabled upstream only on AMD gfx95. Its
+      precondition is ours exactly: pure causal attention over [prefix | step rows], the same number of rows per
+      request, no sinks / sliding window / logit cap (it checks those per call and falls back otherwise). On an H100
+      with a Qwen3-8B shape it cut the ISD step time by 26% at C = 32 and 30% at C = 64
+      (docs/results/serving_h100.md);
+    * ``gqa``: this package's `verify_attention.isd_verify_attention`, which also packs the query heads of a KV head
+      into one tile so that the prefix KV is read once per KV head (`gqa_verify_fwd`). Exact against its definition
+      in tests; its speed has not been measured yet;
+    * ``prefill``: leave SGLang's default.
+
+    ``choice`` None reads ``IDLM_ISD_VERIFY_ATTENTION``. A backend without SGLang's split-KV hook (flashinfer, ...)
+    keeps its own verify path ("backend").
     """
-    if os.environ.get("IDLM_ISD_SPLITKV", "1") == "0":
-        log.info("ISD: IDLM_ISD_SPLITKV=0, verify attention uses the prefill kernel")
-        return False
+    choice = choice or os.environ.get(ENV_VERIFY_ATTENTION, "splitkv")
+    if choice not in VERIFY_ATTENTION:
+        raise ValueError(f"{ENV_VERIFY_ATTENTION} must be one of {', '.join(VERIFY_ATTENTION)}, got {choice!r}")
+    if choice == "prefill":
+        log.info("ISD: verify attention uses the backend's prefill kernel (%s=prefill)", ENV_VERIFY_ATTENTION)
+        return "prefill"
     if not (hasattr(backend, "use_verify_splitkv") and callable(getattr(backend, "verify_splitkv_fwd", None))):
-        log.info("ISD: attention backend %s has no split-KV verify kernel; verify uses its own path",
+        log.info("ISD: attention backend %s has no split-KV verify hook; verify uses its own path",
                  type(backend).__name__)
-        return False
+        return "backend"
+    if choice == "gqa":
+        backend.verify_splitkv_fwd = gqa_verify_fwd(backend.verify_splitkv_fwd)
     backend.use_verify_splitkv = True
-    log.info("ISD: verify attention uses SGLang's split-KV verify kernel (triton backend)")
-    return True
+    log.info("ISD: verify attention uses the %s kernel (triton backend)", choice)
+    return choice
+
+
+def gqa_verify_fwd(fallback):
+    """A stand-in for SGLang's ``verify_splitkv_fwd`` (same arguments, True when it ran) that runs
+    `verify_attention.isd_verify_attention` on ISD's shape and hands every other case to ``fallback``."""
+
+    def run(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
+            custom_mask, is_causal, mask_indptr, max_len_extend, k_scale=1.0, v_scale=1.0, sm_scale=None,
+            logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+            xai_temperature_len=-1, max_bs=None):
+        rows = int(max_len_extend)
+        batch = qo_indptr.shape[0] - 1
+        plain = (is_causal and sinks is None and (sliding_window_size is None or sliding_window_size <= 0)
+                 and not (logit_cap and logit_cap > 0) and not (xai_temperature_len and xai_temperature_len > 0)
+                 and float(k_scale) == 1.0 and float(v_scale) == 1.0 and q_extend.dim() == 3
+                 and q_extend.shape[0] == batch * rows and q_extend.shape[2] == k_buffer.shape[2]
+                 and v_extend.shape[2] == q_extend.shape[2] and q_extend.shape[1] % k_extend.shape[1] == 0)
+        if not plain:
+            return fallback(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr,
+                            kv_indices, custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale,
+                            sm_scale, logit_cap=logit_cap, skip_prefix_custom_mask=skip_prefix_custom_mask,
+                            sliding_window_size=sliding_window_size, sinks=sinks,
+                            window_kv_offsets=window_kv_offsets, xai_temperature_len=xai_temperature_len,
+                            max_bs=max_bs)
+        from .verify_attention import isd_verify_attention
+
+        scale = sm_scale if sm_scale is not None else q_extend.shape[2] ** -0.5
+        isd_verify_attention(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
+                             rows, scale)
+        return True
+
+    return run
 
 
 class StepProfiler:

@@ -35,7 +35,7 @@ from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_loc
 
 from .config import ISDServeConfig, mask_token_id_of
 from .stepper import ISDStateTable, SamplingView
-from .tuning import StepProfiler, use_splitkv_verify
+from .tuning import StepProfiler, select_verify_attention
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class ISDWorker(BaseSpecWorker):
         self.state: ISDStateTable | None = None  # built in alloc_memory_pool, once the req pool exists
         self._warned: set[str] = set()
         self._no_draft = _NoDraftModel()
-        self.splitkv = False  # set in init_attention_backends
+        self.verify_attention = "prefill"  # chosen in init_attention_backends
         every = int(os.environ.get("IDLM_ISD_PROFILE", "0") or 0)
         self.profiler = StepProfiler(every) if every > 0 else None
         log.info("ISD worker: stride %d (%d rows per request per step), mask id %d, draft mode %s",
@@ -145,9 +145,9 @@ class ISDWorker(BaseSpecWorker):
             self.state.num_drafts.zero_()
 
     def init_attention_backends(self) -> None:
-        """Runs after the target's attention backend exists and before CUDA graphs are captured: switch the triton
-        backend's TARGET_VERIFY attention to SGLang's split-KV verify kernel (see `use_splitkv_verify`)."""
-        self.splitkv = use_splitkv_verify(self.model_runner.attn_backend)
+        """Runs after the target's attention backend exists and before CUDA graphs are captured: choose the triton
+        backend's TARGET_VERIFY attention kernel (`tuning.select_verify_attention`)."""
+        self.verify_attention = select_verify_attention(self.model_runner.attn_backend)
 
     def update_weights_from_tensor(self, recv_req):
         return self.target_worker.update_weights_from_tensor(recv_req)

@@ -22,6 +22,8 @@ ensure_venv() {
         test)
             # core + training (LlamaFactory, DeepSpeed) + eval harness, pinned by the constraints file
             DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e "$IDLM_ROOT[dev,train,eval]"
+            # triton runs the ISD verify attention kernel's tests in its CPU interpreter (tests/test_verify_attention.py)
+            "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" triton
             # LlamaFactory pulls CUDA-linked torchvision/torchaudio wheels: torchvision breaks
             # `import transformers` (text never needs it); torchaudio imports in pure-Python mode without its .so
             "$VENV/bin/python" -m pip uninstall -y -q torchvision || true
