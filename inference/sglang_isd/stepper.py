@@ -114,14 +114,16 @@ class ISDStateTable:
         batch, n, k_max = slots.shape[0], self.stride, self.stride - 1
         logits = logits.view(batch, self.rows, -1)
         drafts, num_drafts = self.drafts[slots], self.num_drafts[slots]
-        p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
-        q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
         greedy = torch.ones(batch, dtype=torch.bool, device=self.device) if sampling is None else sampling.greedy
         if sampling is None or bool(greedy.all()):
-            accepted, nxt = verify_greedy(p_logits.argmax(-1), drafts, num_drafts)
-            new_drafts = q_logits.argmax(-1)
+            # one argmax pass over [B, R, V], then gather token ids: no [B, N, V] copies of the logits
+            top = logits.argmax(-1)  # [B, R]
+            accepted, nxt = verify_greedy(top.gather(1, step.verify_rows), drafts, num_drafts)
+            new_drafts = top.gather(1, step.draft_rows)
             new_q = None
         else:
+            p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
+            q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
             temp = torch.where(greedy, torch.zeros_like(sampling.temperatures), sampling.temperatures).view(-1)
             top_k, top_p = sampling.top_ks.view(-1), sampling.top_ps.view(-1)
             p_probs = process_logits(p_logits, temp, top_k, top_p)

@@ -222,9 +222,12 @@ def _fmt(v, d=1) -> str:
     return "-" if v is None else f"{v:.{d}f}"
 
 
-def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int]) -> tuple[dict, str]:
+def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
+                    verify_attention: str | None = None) -> tuple[dict, str]:
     """docs/results/serving_h100.json (rows with engine, algorithm, stride, concurrency, tok_s_total, tok_s_per_req,
-    step_ms, ...) and its markdown table, from the two `idlm bench throughput` outputs of one run."""
+    step_ms, ...) and its markdown table, from the two `idlm bench throughput` outputs of one run.
+    verify_attention: the ISD server's IDLM_ISD_VERIFY_ATTENTION (default: this process's, else "splitkv")."""
+    verify_attention = verify_attention or os.environ.get("IDLM_ISD_VERIFY_ATTENTION", "splitkv")
     rows = []
     for algo, res in (("isd", bench_isd), ("ar", bench_ar)):
         for e in res["results"]:
@@ -236,6 +239,7 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int]) -> tuple
     ratios = {c: (step[("isd", c)] / step[("ar", c)] if step.get(("isd", c)) and step.get(("ar", c)) else None)
               for c in levels}
     result = {"format": "idlm-bench-throughput", "device": "1x H100 80GB HBM3", "sglang": "0.5.15",
+              "verify_attention": verify_attention,
               "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, triton attention, CUDA graphs",
               "dataset": "random-512in", "max_tokens": bench_isd.get("max_tokens"), "results": rows,
               "isd_step_over_ar_step": {str(c): r for c, r in ratios.items()},

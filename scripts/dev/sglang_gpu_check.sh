@@ -5,7 +5,8 @@
 #   1. small random Qwen3-shaped I-DLM on disk: SGLang ISD N=4 (paper spelling --dllm-algorithm IDLMBlockN) vs the
 #      reference engine vs SGLang AR, greedy, 50 prompts; sampled requests; a bad request and a disconnect;
 #   2. Qwen3-8B-shaped dummy weights: ISD N=4 vs SGLang AR step time at C=1,8,32,64 -> $OUT/docs/results/.
-# Env: PHASES=1,2 (default), BUDGET_S=560 (phase 2 is skipped when too little is left), OUT (default outputs/...).
+# Env: PHASES=1,2 (default), BUDGET_S=560 (phase 2 is skipped when too little is left), OUT (default outputs/...),
+# IDLM_ISD_VERIFY_ATTENTION=splitkv|gqa|prefill (the ISD servers inherit it: exactness and speed of that kernel).
 # Output: $OUT/sglang_gpu_check.json, $OUT/logs/*.log (server logs), $OUT/docs/results/serving_h100.{json,md};
 # a summary block is printed last; exit code 1 on any failed check.
 set -euo pipefail
