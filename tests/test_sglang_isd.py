@@ -221,10 +221,12 @@ def test_risd_launch_command_and_server_args(tmp_path, monkeypatch, capsys):
                  "--print-command"]) == 0
     assert "--speculative-num-draft-tokens 7" in capsys.readouterr().out
     monkeypatch.setenv(ENV_CONFIG, env[ENV_CONFIG])
+    graphs = SimpleNamespace(prefill=SimpleNamespace(backend="tc_piecewise"), decode=SimpleNamespace(backend="full"))
     args = _args(speculative_num_draft_tokens=5, tp_size=1, enable_torch_compile=False,
-                 disable_prefill_cuda_graph=False)
+                 disable_prefill_cuda_graph=False, cuda_graph_config=graphs)
     validate_server_args(args)
     assert args.disable_prefill_cuda_graph  # the gate lives in a Python wrapper: prefill stays eager
+    assert graphs.prefill.backend == "disabled" and graphs.decode.backend == "full"  # decode graphs stay
     with pytest.raises(UserError, match="tensor parallel size 1"):
         validate_server_args(_args(speculative_num_draft_tokens=5, tp_size=2))
     with pytest.raises(UserError, match="R-ISD"):  # SGLang's own per-request LoRA is not the gated one
@@ -254,6 +256,8 @@ def test_sglang_internals_pinned():
     assert version("sglang") == SGLANG_VERSION, "re-read SGLang's spec-V2 worker interface before moving the pin"
     server_args = _sglang_file("srt/server_args.py")
     assert "def __post_init__(self):" in server_args  # compat.HOOK_TARGET
+    assert "disable_prefill_cuda_graph:" in server_args  # config.validate_server_args (R-ISD)
+    assert 'DISABLED = "disabled"' in _sglang_file("srt/model_executor/cuda_graph_config.py")
     for field in ("dllm_algorithm:", "dllm_algorithm_config:", "speculative_algorithm:",
                   "speculative_num_draft_tokens:"):
         assert field in server_args, field

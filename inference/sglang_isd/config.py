@@ -217,8 +217,13 @@ def validate_server_args(args: Any) -> None:
             raise UserError("R-ISD under SGLang (gated LoRA) supports tensor parallel size 1 only")
         if getattr(args, "enable_torch_compile", False):
             raise UserError("R-ISD under SGLang (gated LoRA) does not support --enable-torch-compile")
-        # the gate is computed in a Python wrapper of the model's forward: keep prefill out of compiled graphs
+        # the gate is computed in a Python wrapper of the model's forward: keep prefill out of compiled graphs.
+        # SGLang resolves --disable-prefill-cuda-graph into cuda_graph_config before this hook runs, so set both.
         args.disable_prefill_cuda_graph = True
+        prefill = getattr(getattr(args, "cuda_graph_config", None), "prefill", None)
+        if prefill is not None and getattr(prefill, "backend", "disabled") != "disabled":
+            log.info("R-ISD: prefill CUDA graphs off (was %s)", prefill.backend)
+            prefill.backend = "disabled"
     if getattr(args, "pp_size", 1) != 1:
         raise UserError("ISD under SGLang supports pipeline parallel size 1 only")
     if getattr(args, "enable_dp_attention", False):
