@@ -13,6 +13,7 @@ def test_cases_compiled():
     from idlm.inference.sglang_isd import verify_attention as va
     from tests.verify_attention_cases import check_causal, check_definition
 
-    assert len(check_definition(va, "cuda")) == 4
+    # float32 inputs: tl.dot runs in TF32 on a GPU (10-bit mantissa), hence the looser tolerance than on CPU
+    assert len(check_definition(va, "cuda", tol=5e-3)) == 4
     check_causal(va, "cuda")
     assert len(check_definition(va, "cuda", torch.bfloat16, tol=3e-2)) == 4
