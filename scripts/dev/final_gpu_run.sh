@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One device call (<= 10 min on an H100): the SGLang ISD check (correctness + serving speed, scripts/dev/
-# sglang_gpu_check.sh) and then the training-throughput bench of the objective vs plain SFT (`idlm bench train`).
+# One device call (<= 10 min on an H100): the verify-attention kernel's GPU test, the SGLang ISD check (ISD and
+# R-ISD exactness, serving speed: scripts/dev/sglang_gpu_check.sh) and the training-throughput bench of the
+# objective vs plain SFT (`idlm bench train`). IDLM_ISD_VERIFY_ATTENTION=gqa checks and times the packed kernel.
 #   run(command="bash scripts/dev/final_gpu_run.sh", carry=[".device"], timeout_s=600)
 # Results under $OUT: sglang_gpu_check.json, docs/results/serving_h100.{json,md}, logs/, bench_train_*.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-$PWD/outputs/final_gpu_run}
 mkdir -p "$OUT"
+# the GQA-packed verify attention kernel, compiled (its CPU test runs it in Triton's interpreter)
+timeout 90 python3 -m tests.verify_attention_cases cuda 2>&1 | tail -12
 BUDGET_S=${BUDGET_S:-400} timeout 450 bash scripts/dev/sglang_gpu_check.sh 2>&1 \
   | grep -v "Capturing\|Ignore import error\|SyntaxWarning\|Configuration class\|near-tie)" | tail -60
 rm -rf "$OUT/work"
