@@ -157,7 +157,8 @@ def train(recipe: dict, out: Path) -> None:
             save_trained(model, tok, cfg, stage_dir, _train_cfg(t, stage["steps"], log_file))
             summary.append({"stage": i + 1, "stride": stage["stride"], "steps": stage["steps"],
                             "seconds": round(time.time() - t0, 1), "first": history[0], "last": history[-1],
-                            "tokens_per_s_mean": sum(h["tokens_per_s"] for h in history[1:]) / max(len(history) - 1, 1)})
+                            "tokens_per_s_mean": sum(h["tokens_per_s"] for h in history[1:])
+                            / max(len(history) - 1, 1)})
             _merge(out, {f"train_stage{i + 1}": summary[-1]})
             del model
         previous = stage_dir
@@ -214,7 +215,8 @@ def _summary(outs: list, seconds: float, stride: int) -> dict:
     forwards = sum(o.forwards for o in outs)
     s = {"stride": stride, "requests": len(outs), "tokens": tokens, "forwards": forwards,
          # the engine's TPF: tokens emitted by decode forwards / decode forwards (AR = 1.0), pooled over requests
-         "tpf": sum(o.tpf * o.forwards for o in outs) / max(forwards, 1), "tpf_mean_per_request": sum(o.tpf for o in outs) / len(outs),
+         "tpf": sum(o.tpf * o.forwards for o in outs) / max(forwards, 1),
+         "tpf_mean_per_request": sum(o.tpf for o in outs) / len(outs),
          "seconds": round(seconds, 2), "tok_s": tokens / seconds}
     if stride > 1:
         s["acceptance"] = [sum(o.acceptance[k] for o in outs) / len(outs) for k in range(stride - 1)]
