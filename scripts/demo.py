@@ -114,7 +114,9 @@ def main() -> None:
         if stride > 1:
             per_pos = [sum(o.acceptance[k] for o in outs) / len(outs) for k in range(stride - 1)]
             acc = "  acceptance per position " + " ".join(f"{a:.2f}" for a in per_pos)
-        log(f"    {name}: {tokens} tokens, TPF {tokens / max(forwards, 1):.2f} "
+        # pooled TPF: tokens emitted by decode forwards / decode forwards (the first token comes from the prefill)
+        pooled = sum(o.tpf * o.forwards for o in outs) / max(forwards, 1)
+        log(f"    {name}: {tokens} tokens, TPF {pooled:.2f} "
             f"(mean per request {sum(o.tpf for o in outs) / len(outs):.2f}), {dt:.1f} s{acc}")
     same = all(results[s][i].token_ids == results[1][i].token_ids for s in (2, 4) for i in range(len(held_out)))
     for p, o in zip(prompts["held_out"], results[4]):
