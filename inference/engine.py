@@ -72,6 +72,13 @@ class RequestOutput:
     acceptance: list[float]
 
 
+def pooled_tpf(outputs: list[RequestOutput]) -> float:
+    """TPF over several requests: tokens emitted by decode forwards / decode forwards, pooled (each request's tpf
+    weighted by its forwards; the prefill token counts nowhere). 0.0 without decode forwards."""
+    forwards = sum(o.forwards for o in outputs)
+    return sum(o.tpf * o.forwards for o in outputs) / forwards if forwards else 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # KV cache
 

@@ -54,7 +54,7 @@ def main() -> None:
     from idlm.checkpoint import load_causal_lm
     from idlm.config import IDLMConfig, ObjectiveConfig
     from idlm.convert import convert
-    from idlm.inference.engine import ISDEngine, SamplingParams
+    from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
     from idlm.training.data import load_chat_jsonl
     from idlm.training.distill import greedy_answers, stop_token_ids, write_distill_jsonl
     from idlm.training.native import NativeTrainConfig, save_trained, train_native
@@ -108,15 +108,12 @@ def main() -> None:
         dt = time.time() - t0
         results[stride] = outs
         tokens = sum(len(o.token_ids) for o in outs)
-        forwards = sum(o.forwards for o in outs)
         name = "AR " if stride == 1 else f"N={stride}"
         acc = ""
         if stride > 1:
             per_pos = [sum(o.acceptance[k] for o in outs) / len(outs) for k in range(stride - 1)]
             acc = "  acceptance per position " + " ".join(f"{a:.2f}" for a in per_pos)
-        # pooled TPF: tokens emitted by decode forwards / decode forwards (the first token comes from the prefill)
-        pooled = sum(o.tpf * o.forwards for o in outs) / max(forwards, 1)
-        log(f"    {name}: {tokens} tokens, TPF {pooled:.2f} "
+        log(f"    {name}: {tokens} tokens, TPF {pooled_tpf(outs):.2f} "
             f"(mean per request {sum(o.tpf for o in outs) / len(outs):.2f}), {dt:.1f} s{acc}")
     same = all(results[s][i].token_ids == results[1][i].token_ids for s in (2, 4) for i in range(len(held_out)))
     for p, o in zip(prompts["held_out"], results[4]):

@@ -211,11 +211,13 @@ def _decode(engine, prompts: list[list[int]], params) -> tuple[list, float]:
 
 
 def _summary(outs: list, seconds: float, stride: int) -> dict:
+    from idlm.inference.engine import pooled_tpf
+
     tokens = sum(len(o.token_ids) for o in outs)
     forwards = sum(o.forwards for o in outs)
     s = {"stride": stride, "requests": len(outs), "tokens": tokens, "forwards": forwards,
          # the engine's TPF: tokens emitted by decode forwards / decode forwards (AR = 1.0), pooled over requests
-         "tpf": sum(o.tpf * o.forwards for o in outs) / max(forwards, 1),
+         "tpf": pooled_tpf(outs),
          "tpf_mean_per_request": sum(o.tpf for o in outs) / len(outs),
          "seconds": round(seconds, 2), "tok_s": tokens / seconds}
     if stride > 1:

@@ -272,3 +272,14 @@ def test_processed_sampling_follows_processed_ar(dist_model, stride, mode, proce
     assert df >= 10
     assert p_value > ALPHA, f"{mode} {processing}: G test p = {p_value:.2e} over {df} dof"
     assert 0.1 < stats.acceptance[0] < 0.95
+
+
+def test_pooled_tpf_weights_requests_by_their_decode_forwards():
+    from idlm.inference.engine import RequestOutput, pooled_tpf
+
+    def out(forwards, tpf):
+        return RequestOutput("r", [], [], True, "length", 1, forwards, tpf, [])
+
+    # 10 forwards at TPF 3 and 30 at TPF 1: (30 + 30) / 40 tokens per forward; the mean per request would be 2
+    assert pooled_tpf([out(10, 3.0), out(30, 1.0)]) == 1.5
+    assert pooled_tpf([out(0, 0.0)]) == 0.0  # prefill only: no decode forwards

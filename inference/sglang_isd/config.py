@@ -266,21 +266,18 @@ def build_launch_command(
 
         meta = GatedLoRAConfig.load(lora)
         cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()))
-        return _launch_argv(python, model, host, port, cfg) + list(extra or []), {ENV_CONFIG: cfg.to_env()}
-    block = read_idlm_block(model)
-    if stride is None:
-        if not block or "stride" not in block:
-            raise UserError(f"{model}: no stride in its idlm block; pass --stride N")
-        stride = int(block["stride"])
-    elif block is None and Path(model).is_dir():
-        raise UserError(f"{model} is not an I-DLM checkpoint (no 'idlm' block in config.json): convert it with "
-                        "`idlm convert`")
-    cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
-    return _launch_argv(python, model, host, port, cfg) + list(extra or []), {ENV_CONFIG: cfg.to_env()}
-
-
-def _launch_argv(python: str, model: str, host: str, port: int, cfg: ISDServeConfig) -> list[str]:
-    return [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
+    else:
+        block = read_idlm_block(model)
+        if stride is None:
+            if not block or "stride" not in block:
+                raise UserError(f"{model}: no stride in its idlm block; pass --stride N")
+            stride = int(block["stride"])
+        elif block is None and Path(model).is_dir():
+            raise UserError(f"{model} is not an I-DLM checkpoint (no 'idlm' block in config.json): convert it with "
+                            "`idlm convert`")
+        cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
+    argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
             "--disable-overlap-schedule", "--attention-backend", "triton", "--sampling-backend", "pytorch",
             "--grammar-backend", "none"]
+    return argv + list(extra or []), {ENV_CONFIG: cfg.to_env()}

@@ -30,6 +30,21 @@ BLOCK_N = 64  # prefix keys per inner iteration
 
 
 @triton.jit
+def _q_tile(Q, b, kvh, stride_qt, stride_qh, R: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The packed query tile of (request b, KV head kvh): row m is step row m // G of query head kvh * G + m % G.
+    Returns (q [BLOCK_M, BLOCK_D], row_ok, token row, query head), each of the last three [BLOCK_M]."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < R * G
+    tok = b * R + offs_m // G
+    head = kvh * G + offs_m % G
+    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    return q, row_ok, tok, head
+
+
+@triton.jit
 def _prefix_partial(Q, K_buf, V_buf, kv_indptr, kv_indices, Part_out, Part_lse, sm_scale,
                     stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                     R: tl.constexpr, G: tl.constexpr, H_KV: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
@@ -37,14 +52,10 @@ def _prefix_partial(Q, K_buf, V_buf, kv_indptr, kv_indices, Part_out, Part_lse, 
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < R * G
-    tok = b * R + offs_m // G
-    head = kvh * G + offs_m % G
     d_ok = offs_d < D
-    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q, _, _, _ = _q_tile(Q, b, kvh, stride_qt, stride_qh, R, G, D, BLOCK_M, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
     kv_start = tl.load(kv_indptr + b)
     prefix = tl.load(kv_indptr + b + 1) - kv_start
     chunk = (prefix + S - 1) // S
@@ -88,13 +99,9 @@ def _combine_with_steps(Q, K_ext, V_ext, Out, Part_out, Part_lse, sm_scale,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    row_ok = offs_m < R * G
-    r_of_m = offs_m // G
-    tok = b * R + r_of_m
-    head = kvh * G + offs_m % G
     d_ok = offs_d < D
-    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q, row_ok, tok, head = _q_tile(Q, b, kvh, stride_qt, stride_qh, R, G, D, BLOCK_M, BLOCK_D)
+    r_of_m = offs_m // G
     j_ok = offs_r < R
     k = tl.load(K_ext + (b * R + offs_r)[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                 mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_R]

@@ -100,22 +100,22 @@ class ISDWorker(BaseSpecWorker):
         if self.cfg.lora:  # R-ISD: a base model plus a gated LoRA on the MASK rows
             from idlm.inference.lora import GatedLoRAConfig
 
-            from .gated_lora import install_gated_lora
-
             meta = GatedLoRAConfig.load(self.cfg.lora)
             if meta.stride != stride:
                 log.warning("R-ISD: the adapter was trained for stride %d, served with stride %d", meta.stride, stride)
             self.mask_token_id = meta.mask_token_id
-            if not 0 <= self.mask_token_id < self.vocab_size:
-                raise RuntimeError(f"R-ISD: adapter MASK id {self.mask_token_id} is outside the served model's "
-                                   f"vocabulary ({self.vocab_size}): wrong base model?")
-            # the model is loaded and no CUDA graph is captured yet: wrap its projections now
-            install_gated_lora(self.model_runner.model, self.cfg.lora, self.mask_token_id,
-                               dtype=self.model_runner.dtype, device=self.device)
         else:
             self.mask_token_id = mask_token_id_of(self.model_runner.model_config.hf_config, server_args.model_path)
         if not 0 <= self.mask_token_id < self.vocab_size:
-            raise RuntimeError(f"ISD: mask token id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
+            source = "the adapter's" if self.cfg.lora else "the checkpoint's"
+            raise RuntimeError(f"ISD: {source} MASK id {self.mask_token_id} is outside the served model's vocabulary "
+                               f"({self.vocab_size})")
+        if self.cfg.lora:
+            from .gated_lora import install_gated_lora
+
+            # the model is loaded and no CUDA graph is captured yet: wrap its projections now
+            install_gated_lora(self.model_runner.model, self.cfg.lora, self.mask_token_id,
+                               dtype=self.model_runner.dtype, device=self.device)
         self.state: ISDStateTable | None = None  # built in alloc_memory_pool, once the req pool exists
         self._warned: set[str] = set()
         self._no_draft = _NoDraftModel()
