@@ -71,6 +71,26 @@ def test_linear_cross_entropy_matches_full_logits():
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
 
 
+def test_linear_cross_entropy_fused_gradients_scale_and_bias():
+    """The gradients computed in the forward pass are rescaled by the upstream gradient, for every input (bias
+    included), and no-grad calls give the same value without building them."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(23, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(30, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 30, (23,), generator=g)
+    t[1::3] = IGNORE_INDEX
+    total, _ = linear_cross_entropy_sum(h * 2.0, w, t, b, chunk_size=4)
+    ref = F.cross_entropy((h * 2.0) @ w.T + b, t, reduction="sum", ignore_index=IGNORE_INDEX)
+    got = torch.autograd.grad(-3.0 * total, [h, w, b])
+    want = torch.autograd.grad(-3.0 * ref, [h, w, b])
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        plain, _ = linear_cross_entropy_sum(h * 2.0, w, t, b, chunk_size=4)
+    torch.testing.assert_close(plain, ref.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_loss_components_by_hand():
     """CE_noisy and CE_clean equal a direct computation from full logits on the 2L rows."""
     model = tiny_model("qwen3", VOCAB)

@@ -71,6 +71,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (default: flex_attention on GPU, sdpa on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (as the 8B recipe)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (idlm.training.compile; first steps pay the compile)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--modes", default="objective,ar", help="comma list of objective, ar (default both)")
@@ -109,6 +111,10 @@ def _build_model(args, device, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
+    if args.compile:
+        from idlm.training.compile import compile_layers
+
+        compile_layers(model)
     return model, int(mask_id), int(stride), attn
 
 
@@ -151,8 +157,9 @@ def run_bench(args) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     ids, labels, mask = _batch(args, vocab, mask_id, device)
     peak = args.peak_tflops or device_peak_tflops(device, dtype)
+    # fused: one kernel for the whole update on CUDA (what `optim: adamw_torch_fused` gives a recipe)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            foreach=device.type == "cuda")
+                            fused=device.type == "cuda")
     works = {"objective": objective_work(ids, labels, mask, cfg), "ar": ar_work(ids, mask)}
 
     def step(mode: str) -> float:
@@ -194,6 +201,7 @@ def run_bench(args) -> dict:
         "seq_len": args.seq_len,
         "prompt_frac": args.prompt_frac,
         "grad_ckpt": bool(args.grad_ckpt),
+        "compile": bool(args.compile),
         "peak_tflops": peak,
         "work": {m: asdict(works[m]) for m in modes},
         "results": [asdict(r) for r in results],

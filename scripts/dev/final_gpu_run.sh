@@ -13,6 +13,7 @@ timeout 90 python3 -m tests.verify_attention_cases cuda 2>&1 | tail -12
 BUDGET_S=${BUDGET_S:-400} timeout 450 bash scripts/dev/sglang_gpu_check.sh 2>&1 \
   | grep -v "Capturing\|Ignore import error\|SyntaxWarning\|Configuration class\|near-tie)" | tail -60
 rm -rf "$OUT/work"
+[ -n "${SKIP_TRAIN:-}" ] && exit 0  # serving only
 for spec in "qwen3-0.6b 1" "qwen3-1.7b 1" "qwen3-1.7b 2"; do
   set -- $spec
   timeout 60 idlm bench train --shape "$1" --seq-len 4096 --batch-size "$2" --stride 4 --attn flex_attention \
