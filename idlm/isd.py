@@ -110,13 +110,15 @@ def build_step(
 
     pending: [B] token ids. drafts: [B, N - 1] (entries beyond ``num_drafts`` are ignored).
     num_drafts: [B] in {0, N - 1} (any 0..N-1 works). committed_len: [B] tokens in the cache (first position).
-    num_rows: R, the common width (default: the widest request); must be >= every request's need.
+    num_rows: R, the common width (default: the widest request); must be >= every request's need (2N - 1 always is).
     """
     device = pending.device
     k = num_drafts.to(device=device, dtype=torch.long)
     need = num_step_rows(k, stride)
     width = int(need.max()) if num_rows is None else num_rows
-    if width < int(need.max()):
+    # a width of 2N - 1 fits every request: no data-dependent check (it would sync the GPU, which SGLang's overlap
+    # scheduler must not see inside a step)
+    if width < max_step_rows(stride) and width < int(need.max()):
         raise ValueError(f"num_rows={width} is smaller than the {int(need.max())} rows a request needs")
     cols = torch.arange(width, device=device)
     batch = pending.shape[0]

@@ -168,7 +168,11 @@ def test_validate_server_args(monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_CONFIG, raising=False)
     args = _args(speculative_num_draft_tokens=7)
     validate_server_args(args)
-    assert args.disable_overlap_schedule and not args.enable_mixed_chunk
+    # overlap scheduling stays on (the worker relays through SGLang's FutureMap); mixed chunks go off
+    assert not args.disable_overlap_schedule and not args.enable_mixed_chunk
+    off = _args(speculative_num_draft_tokens=7, disable_overlap_schedule=True)
+    validate_server_args(off)
+    assert off.disable_overlap_schedule
     assert (args.speculative_num_steps, args.speculative_eagle_topk) == (1, 1)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -190,7 +194,7 @@ def test_launch_command_and_cli(tmp_path, capsys):
     (ckpt / "config.json").write_text(json.dumps({"idlm": {"mask_token_id": 5, "stride": 3}}))
     argv, env = build_launch_command(str(ckpt), None, port=1234)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
-    assert argv[argv.index("--speculative-num-draft-tokens") + 1] == "5" and "--disable-overlap-schedule" in argv
+    assert argv[argv.index("--speculative-num-draft-tokens") + 1] == "5" and "--disable-overlap-schedule" not in argv
     assert json.loads(env[ENV_CONFIG]) == {"stride": 3, "draft_mode": "argmax", "seed": 0}
     assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--stride", "4", "--print-command",
                  "--sglang-args", "--cuda-graph-max-bs 8"]) == 0
@@ -290,3 +294,15 @@ def test_sglang_internals_pinned():
     # tuning.use_splitkv_verify: the backend flag and the kernel it gates
     assert "self.use_verify_splitkv" in triton and "self.verify_splitkv_fwd(" in triton
     assert "def can_handle(" in _sglang_file("srt/layers/attention/triton_ops/verify_splitkv.py")
+    # overlap scheduling (worker.ISDVerifyInput): the relay reads these attributes of next_draft_input, the scheduler
+    # sets future_indices and gathers the published frontier back into the next batch's seq_lens on the GPU
+    overlap = _sglang_file("srt/managers/overlap_utils.py")
+    for attr in ("draft_input.bonus_tokens", "draft_input.topk_p", "draft_input.topk_index",
+                 "draft_input.hidden_states"):
+        assert attr in overlap, attr
+    assert "batch.seq_lens = self.new_seq_lens_buf[fi]" in overlap
+    assert "batch.spec_info.future_indices = future_indices" in scheduler
+    assert "partial(\n" in scheduler and "self.future_map.publish, future_indices" in scheduler
+    assert "def record_stream_for_v2_verify(batch, verify_input, fwd_stream)" in _sglang_file(
+        "srt/speculative/spec_utils.py")
+    assert "has_been_filtered=False" in _sglang_file("srt/managers/schedule_batch.py")

@@ -20,8 +20,13 @@ def _triton_like_backend(calls=None):
     return SimpleNamespace(use_verify_splitkv=False, verify_splitkv_fwd=splitkv)
 
 
-def test_verify_attention_default_is_sglang_splitkv(monkeypatch):
+def test_verify_attention_default_is_the_gqa_kernel_and_splitkv_by_env(monkeypatch):
     monkeypatch.delenv(ENV_VERIFY_ATTENTION, raising=False)
+    backend = _triton_like_backend()
+    original = backend.verify_splitkv_fwd
+    assert select_verify_attention(backend) == "gqa"
+    assert backend.use_verify_splitkv is True and backend.verify_splitkv_fwd is not original
+    monkeypatch.setenv(ENV_VERIFY_ATTENTION, "splitkv")
     backend = _triton_like_backend()
     original = backend.verify_splitkv_fwd
     assert select_verify_attention(backend) == "splitkv"

@@ -192,7 +192,7 @@ def validate_server_args(args: Any) -> None:
     """SGLang's ``validate_server_args`` hook for ISD: fix the spec settings ISD needs and refuse what it cannot do.
 
     Mutates ``args``: speculative_num_draft_tokens = 2N - 1 (N from the env config, else the checkpoint's ``idlm``
-    block), speculative_num_steps = speculative_eagle_topk = 1, overlap scheduling and mixed chunks off.
+    block), speculative_num_steps = speculative_eagle_topk = 1, mixed chunks off (overlap scheduling is left as set).
     """
     rows = getattr(args, "speculative_num_draft_tokens", None)
     if rows is None:
@@ -238,9 +238,8 @@ def validate_server_args(args: Any) -> None:
         raise UserError("ISD has a fixed step width; drop --speculative-adaptive")
     args.speculative_num_steps = 1
     args.speculative_eagle_topk = 1
-    if not getattr(args, "disable_overlap_schedule", False):
-        log.info("ISD: overlap scheduling off (each step needs the previous step's drafts)")
-    args.disable_overlap_schedule = True
+    # overlap scheduling stays as the user set it (on by default): the worker needs nothing from the CPU between
+    # steps. Mixed chunks (prefill rows inside a decode batch) would break the uniform 2N - 1 rows per request.
     args.enable_mixed_chunk = False
 
 
@@ -278,6 +277,6 @@ def build_launch_command(
         cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
     argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
-            "--disable-overlap-schedule", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+            "--attention-backend", "triton", "--sampling-backend", "pytorch",
             "--grammar-backend", "none"]
     return argv + list(extra or []), {ENV_CONFIG: cfg.to_env()}

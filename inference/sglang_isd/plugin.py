@@ -51,7 +51,7 @@ def register() -> None:
 
             return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens)
 
-    SpeculativeAlgorithm.register(ALGORITHM_NAME, supports_overlap=False, validate_server_args=validate_server_args,
+    SpeculativeAlgorithm.register(ALGORITHM_NAME, supports_overlap=True, validate_server_args=validate_server_args,
                                   spec_class=ISDSpecAlgo)(_worker_factory)
     install_dllm_spelling()
     _registered = True

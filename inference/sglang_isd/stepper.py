@@ -59,12 +59,14 @@ class SamplingView:
 
 @dataclass
 class ISDStepResult:
-    """accept_lens [B] int32, next_token_ids [B * R] int64, new_seq_lens [B] (seq_lens' dtype), and for statistics
-    num_drafts [B] (drafts verified this step) and accepted [B] (drafts accepted)."""
+    """accept_lens [B] int32, next_token_ids [B * R] int64, new_seq_lens [B] (seq_lens' dtype), pending [B] (the
+    new pending token: the correction or bonus token, last of the emitted ones), and for statistics num_drafts [B]
+    (drafts verified this step) and accepted [B] (drafts accepted)."""
 
     accept_lens: torch.Tensor
     next_token_ids: torch.Tensor
     new_seq_lens: torch.Tensor
+    pending: torch.Tensor
     num_drafts: torch.Tensor
     accepted: torch.Tensor
 
@@ -143,4 +145,4 @@ class ISDStateTable:
         if self.q_probs is not None and new_q is not None:
             self.q_probs[slots] = new_q.to(self.q_probs.dtype)
         new_seq_lens = seq_lens + accept_lens.to(seq_lens.device, seq_lens.dtype)
-        return ISDStepResult(accept_lens, out.view(-1), new_seq_lens, num_drafts, accepted)
+        return ISDStepResult(accept_lens, out.view(-1), new_seq_lens, nxt, num_drafts, accepted)

@@ -13,7 +13,7 @@ import torch
 log = logging.getLogger("idlm.inference.sglang_isd.worker")
 
 
-VERIFY_ATTENTION = ("splitkv", "gqa", "prefill")
+VERIFY_ATTENTION = ("gqa", "splitkv", "prefill")
 ENV_VERIFY_ATTENTION = "IDLM_ISD_VERIFY_ATTENTION"
 
 
@@ -23,21 +23,22 @@ def select_verify_attention(backend, choice: str | None = None) -> str:
     SGLang's triton backend runs a verify step through its prefill kernel, which tiles queries by 128 rows per
     (request, head) and walks the prefix serially: for ISD's 2N - 1 rows per request that is mostly padding.
 
-    * ``splitkv`` (default): SGLang 0.5.15's own ``verify_splitkv_fwd`` (flash-decode over the prefix, then the small
-      causal block of step rows), shipped for EAGLE's top-k = 1 chain and enabled upstream only on AMD gfx95. Its
-      precondition is ours exactly: pure causal attention over [prefix | step rows], the same number of rows per
-      request, no sinks / sliding window / logit cap (it checks those per call and falls back otherwise). On an H100
-      with a Qwen3-8B shape it cut the ISD step time by 26% at C = 32 and 30% at C = 64
-      (docs/results/serving_h100.md);
-    * ``gqa``: this package's `verify_attention.isd_verify_attention`, which also packs the query heads of a KV head
-      into one tile so that the prefix KV is read once per KV head (`gqa_verify_fwd`). Exact against its definition
-      in tests; its speed has not been measured yet;
+    * ``gqa`` (default): this package's `verify_attention.isd_verify_attention` (`gqa_verify_fwd`): flash-decode
+      over the prefix that packs the query heads of a KV head with the step rows into one tile, so the prefix KV is
+      read once per KV head, not once per query head. On an H100 with a Qwen3-8B shape it cut the ISD step from
+      17.83 to 14.40 ms at C = 32 and from 28.81 to 21.79 ms at C = 64 against ``splitkv``, with greedy outputs
+      unchanged (docs/results/serving_h100.md);
+    * ``splitkv``: SGLang 0.5.15's own ``verify_splitkv_fwd`` (flash-decode over the prefix, then the small causal
+      block of step rows, one program per query head), shipped for EAGLE's top-k = 1 chain and enabled upstream
+      only on AMD gfx95. Its precondition is ours exactly: pure causal attention over [prefix | step rows], the
+      same number of rows per request, no sinks / sliding window / logit cap (it checks those per call and falls
+      back otherwise). It cut the step by 26% (C = 32) and 30% (C = 64) against ``prefill``;
     * ``prefill``: leave SGLang's default.
 
     ``choice`` None reads ``IDLM_ISD_VERIFY_ATTENTION``. A backend without SGLang's split-KV hook (flashinfer, ...)
     keeps its own verify path ("backend").
     """
-    choice = choice or os.environ.get(ENV_VERIFY_ATTENTION, "splitkv")
+    choice = choice or os.environ.get(ENV_VERIFY_ATTENTION, "gqa")
     if choice not in VERIFY_ATTENTION:
         raise ValueError(f"{ENV_VERIFY_ATTENTION} must be one of {', '.join(VERIFY_ATTENTION)}, got {choice!r}")
     if choice == "prefill":

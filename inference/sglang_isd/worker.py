@@ -1,4 +1,4 @@
-"""`ISDWorker`: ISD as a single-model speculative worker of SGLang 0.5.15 (spec-V2 schema, non-overlap scheduling).
+"""`ISDWorker`: ISD as a single-model speculative worker of SGLang 0.5.15 (spec-V2 schema, overlap scheduling).
 
 SGLang's scheduler drives it like its built-in NGRAM worker (the template: one model, no draft model, drafts that
 come from outside the verify forward):
@@ -14,6 +14,13 @@ come from outside the verify forward):
   ``accept_lens`` and ``new_seq_lens``, so the scheduler commits exactly pending + accepted drafts and emits the
   accepted drafts plus the correction/bonus token. Rejected drafts' and MASK rows' KV sits past the frontier and is
   overwritten next step: no KV of a MASK row is ever attended to by a committed token.
+
+Overlap scheduling (SGLang's default) needs nothing from the CPU between steps: a request's drafts and pending token
+live in GPU tensors indexed by its req-pool slot, written and read on the forward stream in launch order, and the
+committed frontier goes through SGLang's FutureMap (``on_publish(new_seq_lens)``; the scheduler gathers it back into
+the next batch's ``seq_lens`` on the GPU). The scheduler reserves KV for two steps ahead (``eagle_prepare_for_decode``)
+because the CPU learns accept lengths one step late. A step of greedy requests does no GPU -> CPU sync; a step with
+sampled requests syncs once (per-request draft modes), which serialises that step with the scheduler.
 
 Sampling settings come from each request (``batch.sampling_info``). Not applied by ISD: penalties, min_p, logit
 bias, grammars, logprobs (the worker warns once when a batch asks for them).
@@ -31,6 +38,7 @@ from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
+from sglang.srt.speculative.spec_utils import record_stream_for_v2_verify
 from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_locs_func
 
 from .config import ISDServeConfig, mask_token_id_of
@@ -41,15 +49,18 @@ log = logging.getLogger(__name__)
 
 
 class ISDVerifyInput(SpecInput):
-    """What the attention backend and the CUDA-graph runner read of an ISD verify step.
+    """What SGLang reads of ISD's spec input: in a verify forward (the attention backend and the CUDA-graph runner)
+    and, as ``next_draft_input``, between steps (the overlap scheduler's FutureMap relay).
 
     ``custom_mask`` is None: the backends then run causal attention over [prefix | step rows], which is ISD's mask.
-    Between steps the object only carries shapes: the per-request state lives in the worker's `ISDStateTable`,
-    indexed by req-pool slot, so filtering and merging batches needs no bookkeeping here.
+    The per-request ISD state lives in the worker's `ISDStateTable`, indexed by req-pool slot; between steps this
+    object carries only what SGLang's overlap path relays: ``future_indices`` (set by the scheduler; the slots whose
+    published ``new_seq_lens`` the next batch gathers) and ``bonus_tokens`` (the pending token of each request, which
+    the FutureMap stashes; ISD reads its own copy). Filtering and merging keep those two aligned with the batch.
     """
 
     def __init__(self, draft_token_num: int, positions: torch.Tensor | None = None,
-                 draft_token: torch.Tensor | None = None):
+                 draft_token: torch.Tensor | None = None, bonus_tokens: torch.Tensor | None = None):
         # NGRAM_VERIFY: a verify input of a single-model algorithm without hidden-state capture (the backends treat
         # it generically; only flashinfer special-cases DFLASH_VERIFY).
         super().__init__(SpecInputType.NGRAM_VERIFY)
@@ -58,17 +69,30 @@ class ISDVerifyInput(SpecInput):
         self.draft_token = draft_token
         self.custom_mask = None
         self.capture_hidden_mode = CaptureHiddenMode.NULL
-        self.future_indices = None
+        self.future_indices: torch.Tensor | None = None
         self.grammar = None
+        # the FutureMap relay reads these as attributes (RelayPayload.from_draft_input); ISD has no top-k tree and no
+        # draft hidden states
+        self.bonus_tokens = bonus_tokens
+        self.topk_p = self.topk_index = self.hidden_states = None
 
     def get_spec_adjust_token_coefficient(self) -> tuple[int, int]:
         return self.draft_token_num, self.draft_token_num
 
     def filter_batch(self, new_indices: torch.Tensor, has_been_filtered: bool = True) -> None:
-        pass  # state is indexed by req-pool slot, not by batch position
+        if self.future_indices is not None:
+            self.future_indices = self.future_indices[new_indices]
+        if self.bonus_tokens is not None:
+            self.bonus_tokens = self.bonus_tokens[new_indices]
 
     def merge_batch(self, spec_info: ISDVerifyInput) -> None:
-        pass
+        for name in ("future_indices", "bonus_tokens"):
+            mine, theirs = getattr(self, name), getattr(spec_info, name, None)
+            if mine is None and theirs is None:
+                continue
+            if mine is None or theirs is None:
+                raise RuntimeError(f"ISD: merging batches of which only one carries {name} (overlap relay state)")
+            setattr(self, name, torch.cat([mine, theirs]))
 
 
 class _NoDraftModel:
@@ -87,8 +111,6 @@ class ISDWorker(BaseSpecWorker):
 
     def __init__(self, server_args, gpu_id: int, tp_rank: int, dp_rank: int | None, moe_ep_rank: int,
                  attn_cp_rank: int, moe_dp_rank: int, nccl_port: int, target_worker):
-        if not server_args.disable_overlap_schedule:
-            raise RuntimeError("ISD needs --disable-overlap-schedule (the validator sets it; was it bypassed?)")
         self.server_args = server_args
         self._target_worker = target_worker
         self.model_runner = target_worker.model_runner
@@ -176,13 +198,16 @@ class ISDWorker(BaseSpecWorker):
             can_run_cuda_graph=result.can_run_cuda_graph,
             accept_lens=accept_lens,
             new_seq_lens=new_seq_lens,
-            next_draft_input=ISDVerifyInput(self.rows),
+            next_draft_input=ISDVerifyInput(self.rows, bonus_tokens=predict),
             speculative_num_draft_tokens=self.rows,
         )
 
     def _decode(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         """One ISD step: a TARGET_VERIFY forward of 2N - 1 rows per request, verification, next drafts."""
         bs = len(batch.reqs)
+        # the batch's seq_lens / req_pool_indices may come from the scheduler's stream (overlap): keep their memory
+        # until this stream is done with them
+        record_stream_for_v2_verify(batch, None, torch.cuda.current_stream())
         self._warn_unsupported(batch)
         prof = self.profiler
         t_start = prof.now() if prof else 0.0
@@ -221,13 +246,16 @@ class ISDWorker(BaseSpecWorker):
         if on_publish is not None:
             on_publish(out.new_seq_lens)
         batch.forward_mode = ForwardMode.DECODE
+        # nothing reads the [B * R, V] logits after commit (ISD returns no logprobs); the scheduler keeps the result
+        # for up to two iterations under overlap, so drop the reference now
+        result.logits_output.next_token_logits = None
         return GenerationBatchResult(
             logits_output=result.logits_output,
             next_token_ids=out.next_token_ids,
             can_run_cuda_graph=result.can_run_cuda_graph,
             accept_lens=out.accept_lens,
             new_seq_lens=out.new_seq_lens,
-            next_draft_input=ISDVerifyInput(self.rows),
+            next_draft_input=ISDVerifyInput(self.rows, bonus_tokens=out.pending),
             speculative_num_draft_tokens=self.rows,
         )
 

@@ -8,6 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-$PWD/outputs/final_gpu_run}
 mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
 # the GQA-packed verify attention kernel, compiled (its CPU test runs it in Triton's interpreter)
 timeout 90 python3 -m tests.verify_attention_cases cuda 2>&1 | tail -12
 BUDGET_S=${BUDGET_S:-400} timeout 450 bash scripts/dev/sglang_gpu_check.sh 2>&1 \

@@ -30,8 +30,9 @@ QWEN3_8B_CONFIG = {
 
 
 def isd_flags(stride: int) -> list[str]:
-    return ["--speculative-algorithm", "ISD", "--speculative-num-draft-tokens", str(2 * stride - 1),
-            "--disable-overlap-schedule"]
+    """ISD with SGLang's default overlap scheduling; IDLM_ISD_OVERLAP=0 in the environment turns it off."""
+    off = ["--disable-overlap-schedule"] if os.environ.get("IDLM_ISD_OVERLAP", "1") == "0" else []
+    return ["--speculative-algorithm", "ISD", "--speculative-num-draft-tokens", str(2 * stride - 1)] + off
 
 
 def paper_isd_flags(yaml_path: str | Path) -> list[str]:
