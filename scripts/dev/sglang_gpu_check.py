@@ -178,7 +178,12 @@ def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServe
         risd_tpfs = [t for t in (decode_tpf(r) for r in risd_res) if t is not None]
         REPORT["risd_tpf_mean"] = sum(risd_tpfs) / len(risd_tpfs) if risd_tpfs else None
         compare("sglang_risd_vs_sglang_ar", tiny, prompts, [output_ids(r) for r in risd_res], ar_out)
-        say(f"R-ISD mean TPF {REPORT['risd_tpf_mean']} (random adapter: drafts are mostly rejected)")
+        # the adapter must act on the drafts (else the exactness above would be trivial): per-request TPF differs
+        isd_tpf = [decode_tpf(r) for r in isd_res]
+        changed = sum(a != b for a, b in zip(isd_tpf, (decode_tpf(r) for r in risd_res)))
+        check("risd_adapter_changes_drafts", changed > 0,
+              f"TPF differs from ISD's on {changed}/{len(prompts)} requests; R-ISD mean TPF "
+              f"{_fmt(REPORT['risd_tpf_mean'], 3)} vs ISD {_fmt(REPORT['tiny_tpf_mean'], 3)}")
     sampled_smoke(isd)
     robustness(isd, vocab)
 
@@ -226,8 +231,10 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
                     verify_attention: str | None = None) -> tuple[dict, str]:
     """docs/results/serving_h100.json (rows with engine, algorithm, stride, concurrency, tok_s_total, tok_s_per_req,
     step_ms, ...) and its markdown table, from the two `idlm bench throughput` outputs of one run.
-    verify_attention: the ISD server's IDLM_ISD_VERIFY_ATTENTION (default: this process's, else "splitkv")."""
-    verify_attention = verify_attention or os.environ.get("IDLM_ISD_VERIFY_ATTENTION", "splitkv")
+    verify_attention: the ISD server's IDLM_ISD_VERIFY_ATTENTION (default: this process's, else "gqa"); overlap
+    scheduling of the ISD server: on unless IDLM_ISD_OVERLAP=0 (tests/gpu/sglang_helpers.isd_flags)."""
+    verify_attention = verify_attention or os.environ.get("IDLM_ISD_VERIFY_ATTENTION", "gqa")
+    overlap = os.environ.get("IDLM_ISD_OVERLAP", "1") != "0"
     rows = []
     for algo, res in (("isd", bench_isd), ("ar", bench_ar)):
         for e in res["results"]:
@@ -239,7 +246,7 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
     ratios = {c: (step[("isd", c)] / step[("ar", c)] if step.get(("isd", c)) and step.get(("ar", c)) else None)
               for c in levels}
     result = {"format": "idlm-bench-throughput", "device": "1x H100 80GB HBM3", "sglang": "0.5.15",
-              "verify_attention": verify_attention,
+              "verify_attention": verify_attention, "isd_overlap_schedule": overlap,
               "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, triton attention, CUDA graphs",
               "dataset": "random-512in", "max_tokens": bench_isd.get("max_tokens"), "results": rows,
               "isd_step_over_ar_step": {str(c): r for c, r in ratios.items()},

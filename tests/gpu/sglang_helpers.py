@@ -234,9 +234,11 @@ def build_tiny_idlm(out_dir: Path, stride: int = 4, seed: int = 0, train_steps: 
     return ckpt, cfg.vocab_size
 
 
-def build_random_gated_lora(base: Path, out_dir: Path, stride: int = 4, rank: int = 8, init_std: float = 0.02) -> Path:
+def build_random_gated_lora(base: Path, out_dir: Path, stride: int = 4, rank: int = 8, init_std: float = 0.15) -> Path:
     """A random non-zero gated-LoRA adapter (R-ISD) for the checkpoint ``base``, on its free MASK row: the adapter
-    changes the MASK rows' predictions, so R-ISD under SGLang must still give the base model's output."""
+    changes the MASK rows' predictions, so R-ISD under SGLang must still give the base model's output.
+    ``init_std`` is large enough (0.15 for both factors) that the drafts visibly change (a 0.02 adapter left every
+    draft of the tiny model as it was, so an exactness check could not tell whether the adapter ran at all)."""
     from idlm.inference.lora import save_gated_lora
 
     mask_id = json.loads((base / "config.json").read_text())["idlm"]["mask_token_id"]
