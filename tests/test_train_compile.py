@@ -10,9 +10,13 @@ from idlm.training.compile import compile_layers, decoder_layers
 from tests.helpers import tiny_model
 
 
-def test_compiled_layers_match_eager():
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_compiled_layers_match_eager(grad_ckpt):
     torch.manual_seed(0)
     model = tiny_model("qwen3", 64)
+    model.train()
+    if grad_ckpt:  # as the 8B recipe: each compiled layer recomputed in the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(4, 60, (2, 24))
     labels = ids.clone()
     labels[:, :6] = -100

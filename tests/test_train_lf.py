@@ -152,6 +152,21 @@ def test_global_normalisation_two_ranks_zero2_equals_one_process(assets, tmp_pat
     assert _max_diff(two, one) < 1e-5
 
 
+def test_compile_layers_recipe_key_gives_the_eager_update(assets, tmp_path):
+    """`compile_layers: true` (each decoder layer torch.compiled, as measured in docs/results/training_throughput.md)
+    runs through LlamaFactory and takes the same SGD step as the eager model."""
+    common = [f"model_name_or_path={assets['idlm_base']}", "optim=sgd", "max_grad_norm=0", "max_steps=1",
+              "warmup_ratio=0", "learning_rate=0.5", "lr_scheduler_type=constant", "disable_shuffling=true",
+              "save_steps=100", "stages=[{stride: 3}]", "per_device_train_batch_size=2",
+              "gradient_accumulation_steps=1", "deepspeed=null", "nproc_per_node=1"]
+    _train([*common, f"output_dir={tmp_path / 'eager'}"], tmp_path / "eager.log")
+    _train([*common, f"output_dir={tmp_path / 'comp'}", "compile_layers=true"], tmp_path / "comp.log")
+    eager, comp = _weights(tmp_path / "eager" / "stage1-n3"), _weights(tmp_path / "comp" / "stage1-n3")
+    base = load_file(str(Path(assets["idlm_base"]) / "model.safetensors"))
+    assert _max_diff(eager, base) > 0.1
+    assert _max_diff(comp, eager) < 1e-4
+
+
 def test_gated_lora_training_for_risd(assets, tmp_path):
     """Gated LoRA on the frozen plain base, noisy-half loss only; the adapter loads in the reference engine with
     --lora and decodes exactly the base model's greedy output; the LoRA changes only MASK rows."""

@@ -85,6 +85,9 @@ def test_paper_recipe(fake_idlm_model, tmp_path, monkeypatch):
     ({"deepspeed": "nowhere.json"}, "DeepSpeed config not found"),
     ({"stage": "pt"}, "set by idlm train"),
     ({"neat_packing": True}, "not supported"),
+    ({"compile_layers": "yes"}, "compile_layers must be true or false"),
+    ({"compile_layers": True, "finetuning": "gated_lora", "alpha": 0.0,
+      "stages": [{"stride": 3}]}, "full only"),
 ])
 def test_recipe_errors(tmp_path, fake_idlm_model, change, needle):
     import yaml

@@ -33,6 +33,7 @@ IDLM_KEYS = {
     "block_align",  # response | sequence
     "stages",  # list of per-stage overrides (the stride curriculum)
     "attn_implementation",  # sdpa | eager | flex_attention, set on the model after loading
+    "compile_layers",  # torch.compile each decoder layer (idlm.training.compile; default false)
     "finetuning",  # full | gated_lora
     "mask_token_id",  # gated_lora on a plain AR base: the MASK row (default: first free embedding row)
     "train_file",  # a local JSON/JSONL chat file (no dataset_info.json needed)
@@ -91,6 +92,7 @@ class StageSettings:
     mask_token_id: int | None
     output_dir: str
     peak_tflops: float | None
+    compile_layers: bool = False
 
 
 @dataclass
@@ -396,6 +398,12 @@ def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageS
     attn = merged.get("attn_implementation")
     if attn is not None and attn not in ("sdpa", "eager", "flex_attention"):
         raise UserError(f"{where}: attn_implementation must be sdpa, eager or flex_attention, got {attn!r}")
+    compile_layers = merged.get("compile_layers", False)
+    if not isinstance(compile_layers, bool):
+        raise UserError(f"{where}: compile_layers must be true or false, got {compile_layers!r}")
+    if compile_layers and finetuning == "gated_lora":
+        raise UserError(f"{where}: compile_layers is supported for finetuning: full only (the gate of gated-LoRA "
+                        "training is set per forward outside the layers)")
     mask_id = merged.get("mask_token_id")
     peak = merged.get("peak_tflops")
     settings = StageSettings(
@@ -409,6 +417,7 @@ def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageS
         mask_token_id=int(mask_id) if mask_id is not None else None,
         output_dir="",
         peak_tflops=float(peak) if peak is not None else None,
+        compile_layers=compile_layers,
     )
     return settings, lf
 

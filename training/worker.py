@@ -101,6 +101,10 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
         register_zero3_head,
     )
 
+    if s.compile_layers:
+        from idlm.training.compile import compile_layers
+
+        compile_layers(inner)  # regional: the mask and the chunked loss stay eager
     install_objective_forward(inner, idlm_cfg)
     register_zero3_head(model, inner)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
