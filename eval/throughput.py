@@ -58,6 +58,9 @@ class BenchConfig:
     algorithm: str | None = None
     stride: int | None = None
     token_range: tuple[int, int] = (10, 300)
+    temperature: float = 0.0  # request sampling settings (default greedy); top_k -1 = off
+    top_p: float = 1.0
+    top_k: int = -1
     seed: int = 0
     timeout: float = 600.0
     output: str = "throughput.json"
@@ -124,16 +127,19 @@ def make_prompts(cfg: BenchConfig, count: int) -> list[_Prompt]:
 # ---------------------------------------------------------------------------------------------- streaming
 def _openai_body(cfg: BenchConfig, p: _Prompt) -> dict:
     body: dict[str, Any] = {"prompt": p.ids if p.ids is not None else p.text, "max_tokens": p.output_len,
-                            "temperature": 0.0, "stream": True, "ignore_eos": True,
+                            "temperature": cfg.temperature, "top_p": cfg.top_p, "stream": True, "ignore_eos": True,
                             "stream_options": {"include_usage": True}}
+    if cfg.top_k != -1:
+        body["top_k"] = cfg.top_k  # an extension of both `idlm serve` and SGLang
     if cfg.model:
         body["model"] = cfg.model
     return body
 
 
-def _sglang_body(p: _Prompt) -> dict:
-    body: dict[str, Any] = {"sampling_params": {"max_new_tokens": p.output_len, "temperature": 0.0,
-                                                "ignore_eos": True}, "stream": True}
+def _sglang_body(cfg: BenchConfig, p: _Prompt) -> dict:
+    body: dict[str, Any] = {"sampling_params": {"max_new_tokens": p.output_len, "temperature": cfg.temperature,
+                                                "top_p": cfg.top_p, "top_k": cfg.top_k, "ignore_eos": True},
+                            "stream": True}
     if p.ids is not None:
         body["input_ids"] = p.ids
     else:
@@ -175,7 +181,7 @@ async def _one(client, cfg: BenchConfig, base: str, p: _Prompt, sem: asyncio.Sem
     async with sem:
         rec = RequestRecord(t0=time.perf_counter())
         url = f"{base}/generate" if cfg.api == "sglang" else f"{base}/v1/completions"
-        body = _sglang_body(p) if cfg.api == "sglang" else _openai_body(cfg, p)
+        body = _sglang_body(cfg, p) if cfg.api == "sglang" else _openai_body(cfg, p)
         try:
             async with client.stream("POST", url, json=body) as resp:
                 if resp.status_code != 200:
@@ -291,6 +297,7 @@ async def run_bench(cfg: BenchConfig) -> dict:
     return {"format": FORMAT, "engine": engine, "algorithm": algorithm, "stride": stride, "model": model,
             "dataset": Path(cfg.dataset).name if cfg.dataset else f"random-{cfg.input_len}in",
             "input_len": None if cfg.dataset else cfg.input_len, "max_tokens": cfg.output_len, "api": cfg.api,
+            "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k},
             "base_url": base, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}
 
 
@@ -348,6 +355,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", default=None, help="label, isd or ar (default: detected); ar implies n-1 forwards")
     p.add_argument("--stride", type=int, default=None, help="label (default: detected where the server says)")
     p.add_argument("--token-range", default="10,300", help="synthetic prompt ids are drawn from [lo, hi)")
+    p.add_argument("--temperature", type=float, default=0.0, help="request temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="request top_p (default 1: off)")
+    p.add_argument("--top-k", type=int, default=-1, help="request top_k (default -1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--output", default="throughput.json",
@@ -364,10 +374,13 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--token-range must be LO,HI, got {args.token_range!r}") from None
     if not 0 <= lo < hi:
         raise UserError(f"--token-range needs 0 <= LO < HI, got {lo},{hi}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or (args.top_k < 1 and args.top_k != -1):
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k -1 (off) or >= 1")
     cfg = BenchConfig(base_url=args.base_url, concurrency=args.concurrency, input_len=args.input_len,
                       output_len=args.output_len, dataset=args.dataset, num_prompts=args.num_prompts, api=args.api,
                       model=args.model, engine=args.engine, algorithm=args.algorithm, stride=args.stride,
-                      token_range=(lo, hi), seed=args.seed, timeout=args.timeout, output=args.output,
+                      token_range=(lo, hi), temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      seed=args.seed, timeout=args.timeout, output=args.output,
                       plot=not args.no_plot)
     result = asyncio.run(run_bench(cfg))
     out = Path(cfg.output)

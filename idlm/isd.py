@@ -51,8 +51,12 @@ def check_draft_mode(mode: str) -> None:
 
 
 def _mode_mask(mode: str | Sequence[str], batch: int, name: str, device: torch.device) -> torch.Tensor:
-    """[B] bool: True where the request uses draft mode ``name``."""
-    modes = [mode] * batch if isinstance(mode, str) else list(mode)
+    """[B] bool: True where the request uses draft mode ``name``. One mode for the batch builds the mask on the
+    device (no host-to-device copy, which would synchronise the stream)."""
+    if isinstance(mode, str):
+        check_draft_mode(mode)
+        return torch.full((batch,), mode == name, dtype=torch.bool, device=device)
+    modes = list(mode)
     if len(modes) != batch:
         raise ValueError(f"got {len(modes)} draft modes for a batch of {batch}")
     for m in modes:
@@ -191,7 +195,8 @@ def verify_drafts(
     p_x = p_probs[:, :k_max].gather(-1, drafts[..., None]).squeeze(-1)  # [B, K]
     u = accept_uniforms.to(device=device, dtype=p_x.dtype)
     if q_probs is None:
-        if bool((valid & ~point[:, None]).any()):
+        # (one "argmax" mode for the batch needs no q: skip the check, a device sync)
+        if not (isinstance(mode, str) and mode == "argmax") and bool((valid & ~point[:, None]).any()):
             raise ValueError("q_probs is needed for drafts of the 'sample' and 'paper_argmax' modes")
         ratio_ok = torch.zeros_like(valid)
     else:

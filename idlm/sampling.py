@@ -9,6 +9,8 @@ Per-request parameters are tensors of shape ``[B]`` (or Python scalars) and broa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 Param = torch.Tensor | float | int
@@ -24,10 +26,35 @@ def _param(value: Param, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return t.view((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchHints:
+    """What a caller already knows on the CPU about a batch's sampling parameters, so that `process_logits` need
+    not read it back from the GPU (each read is a device sync, which an asynchronous scheduler must not see).
+
+    any_top_k: some row keeps fewer than V tokens; max_top_k: the largest k of any row, V for rows without top-k
+    (the width of the top-k pass); any_top_p: some row has top_p < 1; any_greedy: some row has temperature <= 0.
+    They must describe the same rows as the tensors (`BatchHints.of` computes them from the Python values).
+    """
+
+    any_top_k: bool
+    max_top_k: int
+    any_top_p: bool
+    any_greedy: bool
+
+    @classmethod
+    def of(cls, temperatures, top_ks, top_ps, vocab: int) -> BatchHints:
+        """From per-row Python numbers (the same conventions as `process_logits`: k <= 0 or >= V is off)."""
+        ks = [vocab if (k <= 0 or k >= vocab) else int(k) for k in top_ks]
+        return cls(any_top_k=any(k < vocab for k in ks), max_top_k=max(ks, default=vocab),
+                   any_top_p=any(p < 1 for p in top_ps), any_greedy=any(t <= 0 for t in temperatures))
+
+
+def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,
+                   hints: BatchHints | None = None) -> torch.Tensor:
     """Turn raw logits into the sampling distribution of each row.
 
     logits: [B, ..., V]. temperature, top_k, top_p: [B] per request (or scalars).
+    hints: the same facts known on the CPU (`BatchHints`); without them they are read from the tensors.
     Returns probs [B, ..., V] in float32 (float64 when the logits are float64), each row summing to 1.
 
     Order (as transformers' warpers): divide by the temperature, keep the ``top_k`` largest logits (``0`` = off;
@@ -45,14 +72,16 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
 
     k = _param(top_k, x, torch.long)
     k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
-    if bool((k < vocab).any()):
-        top = torch.topk(x, int(k.max()), dim=-1).values  # [B, ..., k_max], sorted descending
+    any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
+    if any_top_k:
+        width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
+        top = torch.topk(x, width, dim=-1).values  # [B, ..., k_max], sorted descending
         kth = top.gather(-1, (k - 1).expand(*x.shape[:-1], 1))
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
 
     p = _param(top_p, x, dtype)
-    if bool((p < 1).any()):
+    if hints.any_top_p if hints is not None else bool((p < 1).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = (mass_before >= p) & (p < 1)
@@ -61,7 +90,7 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
 
-    if bool(greedy.any()):
+    if hints.any_greedy if hints is not None else bool(greedy.any()):
         onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)
         probs = torch.where(greedy, onehot, probs)
     return probs

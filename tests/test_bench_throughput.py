@@ -35,6 +35,20 @@ def test_bench_against_native_server(server, tmp_path, capsys):  # noqa: F811
     assert "| native isd" in throughput_table(entries)[0]
 
 
+def test_bench_sends_sampling_settings(server, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "sampled.json"
+    rc = main(["bench", "throughput", "--base-url", server.url, "--concurrency", "2", "--input-len", "6",
+               "--output-len", "5", "--num-prompts", "2", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20",
+               "--no-plot", "--output", str(out)])
+    assert rc == 0, capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["sampling"] == {"temperature": 0.8, "top_p": 0.9, "top_k": 20}
+    assert result["results"][0]["errors"] == 0 and result["results"][0]["completion_tokens"] == 10
+    for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "0"]):
+        assert main(["bench", "throughput", "--base-url", server.url, *bad, "--output", str(tmp_path / "z")]) == 2
+    assert "--temperature must be >= 0" in capsys.readouterr().err
+
+
 def test_bench_refuses_remote_and_dead_servers(tmp_path, capsys):
     with pytest.raises(UserError, match="loopback"):
         check_loopback("http://example.com:8000")

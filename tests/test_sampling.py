@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idlm.sampling import normalize, process_logits, sample_from_probs
+from idlm.sampling import BatchHints, normalize, process_logits, sample_from_probs
 
 
 def naive_process(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -44,11 +44,28 @@ def test_process_logits_matches_naive_rows(seed):
     top_p = torch.tensor([1.0, 1.0, 0.5, 0.6, 0.9, 0.3], dtype=torch.float64)
     probs = process_logits(logits, temperature, top_k, top_p)
     assert probs.shape == logits.shape and probs.dtype == torch.float64
+    # the CPU-side hints (no device reads) give the same distributions
+    hints = BatchHints.of(temperature.tolist(), top_k.tolist(), top_p.tolist(), vocab)
+    assert hints == BatchHints(any_top_k=True, max_top_k=vocab, any_top_p=True, any_greedy=True)
+    assert torch.equal(process_logits(logits, temperature, top_k, top_p, hints), probs)
     for b in range(batch):
         for s in range(slots):
             want = naive_process(logits[b, s], float(temperature[b]), int(top_k[b]), float(top_p[b]))
             torch.testing.assert_close(probs[b, s], want, rtol=0, atol=1e-12)
     torch.testing.assert_close(probs.sum(-1), torch.ones(batch, slots, dtype=torch.float64))
+
+
+def test_batch_hints_of_python_values():
+    hints = BatchHints.of([0.7, 1.0], [1 << 30, 5], [1.0, 1.0], vocab=100)
+    assert hints == BatchHints(any_top_k=True, max_top_k=100, any_top_p=False, any_greedy=False)
+    plain = BatchHints.of([1.0], [0], [1.0], vocab=100)
+    assert not (plain.any_top_k or plain.any_top_p or plain.any_greedy) and plain.max_top_k == 100
+    logits = torch.randn(2, 3, 100, dtype=torch.float64)
+    for h, args in ((hints, ([0.7, 1.0], [1 << 30, 5], [1.0, 1.0])), (plain, (1.0, 0, 1.0))):
+        t = [torch.as_tensor(a, dtype=torch.float64 if i != 1 else torch.long) for i, a in enumerate(args)]
+        if t[0].dim() == 0:
+            t = [x.expand(2) for x in t]
+        assert torch.equal(process_logits(logits, *t, hints=h), process_logits(logits, *t))
 
 
 def test_process_logits_scalars_and_dtypes():

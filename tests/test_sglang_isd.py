@@ -24,6 +24,7 @@ from idlm.inference.sglang_isd.config import (
     validate_server_args,
 )
 from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
+from idlm.sampling import BatchHints
 from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,11 +99,15 @@ def test_mixed_greedy_and_sampled_requests(model):
     # request 1 is greedy in SGLang's encoding (top_k = 1, temperature 1); the others sample
     sampling = SamplingView(temperatures=torch.tensor([0.8, 1.0, 1.2]), top_ks=torch.tensor([1 << 30, 1, 20]),
                             top_ps=torch.tensor([0.9, 1.0, 1.0]))
+    # the worker's CPU-side hints (no device sync) must give the very same steps as reading the tensors
+    hinted = SamplingView(sampling.temperatures, sampling.top_ks, sampling.top_ps,
+                          hints=BatchHints.of([0.8, 0.0, 1.2], [1 << 30, 1, 20], [0.9, 1.0, 1.0], VOCAB))
     for mode in ("argmax", "sample"):
         outs, accepts, table = _drive(model, prompts, 3, max_new=16, sampling=sampling, draft_mode=mode)
         assert outs[1][:16] == _greedy_ar(model, prompts[1], 16)  # the greedy request stays exact
         assert all(0 <= t < VOCAB for o in outs for t in o)
         assert (table.q_probs is not None) == (mode == "sample")
+        assert _drive(model, prompts, 3, max_new=16, sampling=hinted, draft_mode=mode)[:2] == (outs, accepts)
 
 
 def test_state_is_per_slot_and_reset_on_prefill(model):

@@ -35,7 +35,7 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
-from idlm.sampling import process_logits
+from idlm.sampling import BatchHints, process_logits
 
 from .config import ISDServeConfig
 
@@ -45,11 +45,14 @@ class SamplingView:
     """Per-request sampling settings of a batch, in SGLang's encoding.
 
     temperatures, top_ps: [B] float; top_ks: [B] int (SGLang writes greedy as top_k = 1 and "off" as a huge k).
+    hints: the same facts known on the CPU (`idlm.sampling.BatchHints`, temperature 0 for the rows `greedy` marks),
+    so that the step never reads them back from the GPU; None reads them from the tensors (a device sync each).
     """
 
     temperatures: torch.Tensor
     top_ks: torch.Tensor
     top_ps: torch.Tensor
+    hints: BatchHints | None = None
 
     @property
     def greedy(self) -> torch.Tensor:
@@ -116,8 +119,7 @@ class ISDStateTable:
         batch, n, k_max = slots.shape[0], self.stride, self.stride - 1
         logits = logits.view(batch, self.rows, -1)
         drafts, num_drafts = self.drafts[slots], self.num_drafts[slots]
-        greedy = torch.ones(batch, dtype=torch.bool, device=self.device) if sampling is None else sampling.greedy
-        if sampling is None or bool(greedy.all()):
+        if sampling is None:  # every request greedy (SGLang's is_all_greedy, known on the CPU)
             # one argmax pass over [B, R, V], then gather token ids: no [B, N, V] copies of the logits
             top = logits.argmax(-1)  # [B, R]
             accepted, nxt = verify_greedy(top.gather(1, step.verify_rows), drafts, num_drafts)
@@ -126,15 +128,18 @@ class ISDStateTable:
         else:
             p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
             q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
+            greedy = sampling.greedy
             temp = torch.where(greedy, torch.zeros_like(sampling.temperatures), sampling.temperatures).view(-1)
             top_k, top_p = sampling.top_ks.view(-1), sampling.top_ps.view(-1)
-            p_probs = process_logits(p_logits, temp, top_k, top_p)
-            new_q = process_logits(q_logits, temp, top_k, top_p)
+            p_probs = process_logits(p_logits, temp, top_k, top_p, sampling.hints)
+            new_q = process_logits(q_logits, temp, top_k, top_p, sampling.hints)
             u = torch.rand(batch, 2 * k_max + 1, generator=self.generator, device=self.device, dtype=torch.float64)
-            modes = ["argmax" if g else self.cfg.draft_mode for g in greedy.tolist()]
+            # one draft mode for the whole batch (no per-request list: building one from `greedy` would sync): greedy
+            # rows have one-hot p and q, for which every exact rule is greedy verification (`process_logits`)
+            mode = self.cfg.draft_mode
             old_q = self.q_probs[slots] if self.q_probs is not None else None
-            accepted, nxt = verify_drafts(p_probs, old_q, drafts, num_drafts, u[:, :k_max], u[:, k_max], modes)
-            new_drafts = propose_drafts(new_q, u[:, k_max + 1:], modes)
+            accepted, nxt = verify_drafts(p_probs, old_q, drafts, num_drafts, u[:, :k_max], u[:, k_max], mode)
+            new_drafts = propose_drafts(new_q, u[:, k_max + 1:], mode)
         tokens = step_tokens(drafts, accepted, nxt)  # [B, N]
         out = torch.zeros(batch, self.rows, dtype=torch.long, device=self.device)
         out[:, :n] = tokens

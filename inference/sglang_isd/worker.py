@@ -19,8 +19,9 @@ Overlap scheduling (SGLang's default) needs nothing from the CPU between steps: 
 live in GPU tensors indexed by its req-pool slot, written and read on the forward stream in launch order, and the
 committed frontier goes through SGLang's FutureMap (``on_publish(new_seq_lens)``; the scheduler gathers it back into
 the next batch's ``seq_lens`` on the GPU). The scheduler reserves KV for two steps ahead (``eagle_prepare_for_decode``)
-because the CPU learns accept lengths one step late. A step of greedy requests does no GPU -> CPU sync; a step with
-sampled requests syncs once (per-request draft modes), which serialises that step with the scheduler.
+because the CPU learns accept lengths one step late. A step does no GPU -> CPU sync, greedy or sampled: what the
+sampling math would read back from the GPU (top-k width, whether any row uses top-p or is greedy) comes from the
+requests' Python parameters (`_sampling_hints`), and one draft mode serves the whole batch.
 
 Sampling settings come from each request (``batch.sampling_info``). Not applied by ISD: penalties, min_p, logit
 bias, grammars, logprobs (the worker warns once when a batch asks for them).
@@ -40,6 +41,8 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 from sglang.srt.speculative.spec_utils import record_stream_for_v2_verify
 from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_locs_func
+
+from idlm.sampling import BatchHints
 
 from .config import ISDServeConfig, mask_token_id_of
 from .stepper import ISDStateTable, SamplingView
@@ -238,7 +241,8 @@ class ISDWorker(BaseSpecWorker):
         info = batch.sampling_info
         sampling = None
         if not info.is_all_greedy:
-            sampling = SamplingView(info.temperatures.view(-1), info.top_ks.view(-1), info.top_ps.view(-1))
+            sampling = SamplingView(info.temperatures.view(-1), info.top_ks.view(-1), info.top_ps.view(-1),
+                                    hints=self._sampling_hints(batch))
         out = self.state.commit(batch.req_pool_indices, step, logits[:, :self.vocab_size], batch.seq_lens, sampling)
         if prof:
             marks.append(prof.now())
@@ -258,6 +262,14 @@ class ISDWorker(BaseSpecWorker):
             next_draft_input=ISDVerifyInput(self.rows, bonus_tokens=out.pending),
             speculative_num_draft_tokens=self.rows,
         )
+
+    def _sampling_hints(self, batch: ScheduleBatch) -> BatchHints:
+        """What `process_logits` would otherwise read back from the GPU, from the requests' own Python sampling
+        parameters (the rows of ``batch.sampling_info``, in the same order): no device sync inside the step."""
+        params = [r.sampling_params for r in batch.reqs]
+        greedy = [sp.top_k <= 1 or sp.temperature <= 0 for sp in params]  # = SamplingView.greedy
+        return BatchHints.of([0.0 if g else sp.temperature for g, sp in zip(greedy, params)],
+                             [sp.top_k for sp in params], [sp.top_p for sp in params], self.vocab_size)
 
     def _warn_unsupported(self, batch: ScheduleBatch) -> None:
         info = batch.sampling_info

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -43,6 +44,9 @@ from tests.gpu.sglang_helpers import (  # noqa: E402
 )
 
 T0 = time.monotonic()
+# BENCH_SAMPLED="0.6,0.95,20": also time both 8B servers with sampled requests (temperature, top_p, top_k)
+SAMPLED = tuple(float(x) if i < 2 else int(x) for i, x in enumerate(os.environ["BENCH_SAMPLED"].split(","))) \
+    if os.environ.get("BENCH_SAMPLED") else None
 SUMMARY: list[str] = []
 REPORT: dict = {"checks": {}, "errors": []}
 
@@ -205,9 +209,18 @@ def phase_speed(isd: SGLangServer, ar: SGLangServer, timeout: float, out: Path, 
         res["model"] = "Qwen3-8B shape, random weights (--load-format dummy)"
         (out / f"bench_{algo}.json").write_text(json.dumps(res, indent=2))
         benches[algo] = res
-        for e in res["results"]:
+        if SAMPLED:  # the same levels with sampled requests (informational: no target)
+            t, p, k = SAMPLED
+            sampled = asyncio.run(run_bench(dataclasses.replace(cfg, temperature=t, top_p=p, top_k=k)))
+            (out / f"bench_{algo}_sampled.json").write_text(json.dumps(sampled, indent=2))
+            benches[f"{algo}_sampled"] = sampled
+        for e in [*res["results"], *benches.get(f"{algo}_sampled", {}).get("results", [])]:
             if e.get("errors"):
                 REPORT["errors"].append(f"{algo} C={e['concurrency']}: {e.get('error_examples')}")
+    if SAMPLED:
+        _, sampled_table = serving_results(benches["isd_sampled"], benches["ar_sampled"], levels)
+        REPORT["speed_sampled"] = {"sampling": SAMPLED, "table": sampled_table}
+        say(f"sampled requests (temperature, top_p, top_k = {SAMPLED}):\n{sampled_table}")
     result, table = serving_results(benches["isd"], benches["ar"], levels)
     res_dir = out / "docs" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
