@@ -23,7 +23,7 @@ from idlm.inference.sglang_isd.config import (
     translate_dllm_args,
     validate_server_args,
 )
-from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
+from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView, is_greedy
 from idlm.sampling import BatchHints
 from tests.helpers import tiny_model
 
@@ -99,6 +99,10 @@ def test_mixed_greedy_and_sampled_requests(model):
     # request 1 is greedy in SGLang's encoding (top_k = 1, temperature 1); the others sample
     sampling = SamplingView(temperatures=torch.tensor([0.8, 1.0, 1.2]), top_ks=torch.tensor([1 << 30, 1, 20]),
                             top_ps=torch.tensor([0.9, 1.0, 1.0]))
+    assert sampling.greedy.tolist() == [False, True, False]
+    # one rule for the tensors and for the requests' Python values (the worker's hints)
+    assert [bool(is_greedy(k, t)) for k, t in ((1 << 30, 0.8), (1, 1.0), (20, 1.2), (5, 0.0))] == [False, True,
+                                                                                                    False, True]
     # the worker's CPU-side hints (no device sync) must give the very same steps as reading the tensors
     hinted = SamplingView(sampling.temperatures, sampling.top_ks, sampling.top_ps,
                           hints=BatchHints.of([0.8, 0.0, 1.2], [1 << 30, 1, 20], [0.9, 1.0, 1.0], VOCAB))

@@ -40,6 +40,11 @@ from idlm.sampling import BatchHints, process_logits
 from .config import ISDServeConfig
 
 
+def is_greedy(top_k, temperature):
+    """SGLang's greedy rule, top_k <= 1 or temperature <= 0, for [B] tensors or Python numbers alike."""
+    return (top_k <= 1) | (temperature <= 0)
+
+
 @dataclass
 class SamplingView:
     """Per-request sampling settings of a batch, in SGLang's encoding.
@@ -57,7 +62,7 @@ class SamplingView:
     @property
     def greedy(self) -> torch.Tensor:
         """[B] bool: SGLang decodes these requests by argmax."""
-        return (self.top_ks <= 1) | (self.temperatures <= 0)
+        return is_greedy(self.top_ks, self.temperatures)
 
 
 @dataclass

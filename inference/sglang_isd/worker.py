@@ -45,7 +45,7 @@ from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_loc
 from idlm.sampling import BatchHints
 
 from .config import ISDServeConfig, mask_token_id_of
-from .stepper import ISDStateTable, SamplingView
+from .stepper import ISDStateTable, SamplingView, is_greedy
 from .tuning import StepProfiler, select_verify_attention
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class ISDWorker(BaseSpecWorker):
         """What `process_logits` would otherwise read back from the GPU, from the requests' own Python sampling
         parameters (the rows of ``batch.sampling_info``, in the same order): no device sync inside the step."""
         params = [r.sampling_params for r in batch.reqs]
-        greedy = [sp.top_k <= 1 or sp.temperature <= 0 for sp in params]  # = SamplingView.greedy
+        greedy = [is_greedy(sp.top_k, sp.temperature) for sp in params]
         return BatchHints.of([0.0 if g else sp.temperature for g, sp in zip(greedy, params)],
                              [sp.top_k for sp in params], [sp.top_p for sp in params], self.vocab_size)
 

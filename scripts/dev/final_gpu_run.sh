@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call (<= 10 min on an H100): the verify-attention kernel's GPU test, the SGLang ISD check (ISD and
 # R-ISD exactness, serving speed: scripts/dev/sglang_gpu_check.sh) and the training-throughput bench of the
-# objective vs plain SFT (`idlm bench train`). IDLM_ISD_VERIFY_ATTENTION=gqa checks and times the packed kernel.
+# objective vs plain SFT (`idlm bench train`, eager; the --compile variants are scripts/dev/train_mfu_gpu.sh).
+# Env: SKIP_TRAIN=1 (serving only), IDLM_ISD_VERIFY_ATTENTION=splitkv|prefill (default: the GQA-packed kernel),
+# IDLM_ISD_OVERLAP=0 (ISD without overlap scheduling), and sglang_gpu_check.sh's PHASES / BUDGET_S / BENCH_SAMPLED.
 #   run(command="bash scripts/dev/final_gpu_run.sh", carry=[".device"], timeout_s=600)
 # Results under $OUT: sglang_gpu_check.json, docs/results/serving_h100.{json,md}, logs/, bench_train_*.json.
 set -uo pipefail
