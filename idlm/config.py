@@ -78,6 +78,12 @@ def check_stride(stride: int) -> None:
         raise UserError(f"stride must be an integer >= 2 (N tokens per step), got {stride!r}")
 
 
+def step_rows(stride: int) -> int:
+    """Rows per request of one ISD forward at stride N: [pending, N - 1 drafts, N - 1 MASK] = 2N - 1."""
+    check_stride(stride)
+    return 2 * stride - 1
+
+
 def read_idlm_config(hf_config: Any) -> IDLMConfig | None:
     """The `idlm` block of a transformers config (object or dict), or None for a plain AR model."""
     block = hf_config.get(IDLM_CONFIG_KEY) if isinstance(hf_config, dict) else getattr(hf_config, IDLM_CONFIG_KEY, None)
