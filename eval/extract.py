@@ -7,7 +7,9 @@ to the LAST (MATH-500, IFEval, HumanEval, MBPP); see notes/anchor-eval.md. Both 
 
 from __future__ import annotations
 
+import ast
 import re
+import textwrap
 
 THINK_END = "</think>"
 MC_TAIL_CHARS = 500  # the anchor's multiple-choice scripts read only this tail of an unfinished (no </think>) answer
@@ -176,22 +178,54 @@ def extract_mbpp_code(response: str) -> str:
     return text
 
 
-def extract_humaneval_code(response: str, entry_point: str | None = None) -> str:
-    """After the last ``</think>``: the FIRST fenced block (the anchor's ``humaneval_postprocess_v2``), else the text.
+def _after_last_think_keep_indent(text: str | None) -> str:
+    """After the last ``</think>``, without the blank lines that follow it but with the first line's indentation
+    (an unfenced function body starts indented; ``strip_thinking_last`` would break its first line)."""
+    if not text:
+        return ""
+    i = text.rfind(THINK_END)
+    if i >= 0:
+        text = text[i + len(THINK_END):]
+    return _drop_blank_lines(text)
 
-    Leading non-ASCII characters are dropped. The code is left-stripped only when it starts a definition/import at
-    column 0, so a body-only completion keeps its indentation (the anchor's ``.lstrip()`` would break its first
-    line)."""
-    text = strip_thinking_last(response)
+
+def _drop_blank_lines(code: str) -> str:
+    """Leading lines that hold only whitespace are dropped; the first code line keeps its indentation."""
+    m = re.match(r"(?:[ \t\r\f\v]*\n)*", code)
+    return code[m.end():] if m else code
+
+
+def _defines(code: str, entry_point: str | None) -> bool:
+    """Whether ``code`` parses as a module with a top-level ``def entry_point`` (any def when no name is given)."""
+    try:
+        compile(code, "<answer>", "exec", dont_inherit=True)  # also refuses `return` outside a function
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and (entry_point is None or n.name == entry_point)
+               for n in tree.body)
+
+
+def extract_humaneval_code(response: str, entry_point: str | None = None) -> str:
+    """After the last ``</think>``: the FIRST fenced block (the anchor's ``humaneval_postprocess_v2``), else the code
+    of an unclosed block, else the text; leading non-ASCII characters and blank lines dropped.
+
+    The result is either a whole definition at column 0 or a function body (indented) that continues the prompt.
+    An indented first line is kept as it is (a body may start with a nested ``def`` or an ``import``) unless the
+    dedented code defines ``entry_point`` (a whole function indented as a block). The anchor's ``.lstrip()``
+    broke the first line of every body that way."""
+    text = _after_last_think_keep_indent(response)
     text = re.sub(r"^[^\x00-\x7f]+", "", text)
     code = first_code_block(text)
     if code is None:
         m = re.search(r"```[ \t]*(?:python|py|python3)?[^\n]*\n(.*)$", text, re.S)
         code = m.group(1) if m else text
-    stripped = code.lstrip("\n")
-    if re.match(r"\s*(def |from |import |class |@)", stripped):
-        return stripped.lstrip()
-    return stripped
+    code = _drop_blank_lines(code)
+    if code[:1] in (" ", "\t"):
+        dedented = textwrap.dedent(code)
+        if _defines(dedented, entry_point):
+            return dedented
+    return code
 
 
 def extract_lcb_code(response: str) -> str:

@@ -89,3 +89,14 @@ def test_lcb_code_between_last_two_fences():
     r = "<think>```python\nx\n```</think>text\n```python\nprint(1)\n```\nmore\n```python\nprint(2)\n```"
     assert extract_lcb_code(r) == "print(2)"
     assert extract_lcb_code("<think>a</think>no code") == ""
+
+
+def test_humaneval_body_starting_with_a_nested_def_or_import_keeps_its_indentation():
+    body = "    import math\n    return math.sqrt(x)\n"
+    assert extract_humaneval_code(f"<think>x</think>```python\n{body}```", "f") == body
+    nested = "    def helper(y):\n        return y\n    return helper(x)\n"
+    assert extract_humaneval_code(f"<think>x</think>\n```python\n{nested}```", "f") == nested
+    assert extract_humaneval_code(f"<think>x</think>\n\n{nested}", "f") == nested  # unfenced after </think>
+    assert extract_humaneval_code(f"<think>x</think>\n\n{nested}", None) == nested  # a helper is not a whole def
+    whole = "    def f(x):\n        return x\n"  # a whole function indented as a block is dedented
+    assert extract_humaneval_code(f"<think>x</think>```python\n{whole}```", "f") == "def f(x):\n    return x\n"
