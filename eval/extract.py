@@ -42,40 +42,31 @@ def mc_answer_region(text: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- \boxed{}
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), in order."""
+def boxed_spans(text: str) -> list[tuple[int, str]]:
+    """(position, content) of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces) and ``\\boxed 5``, in
+    text order."""
     out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            c = text[i]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-            i += 1
-        if depth == 0:
-            out.append(text[m.end():i - 1])
-    # "\boxed 5" (no braces) also occurs
-    for m in re.finditer(r"\\boxed\s+([^\s{$]+)", text):
-        out.append(m.group(1))
-    return out
-
-
-def last_boxed(text: str) -> str | None:
-    """The last ``\\boxed{}`` content by position in the text."""
-    best, best_pos = None, -1
     for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
         depth, i = 1, m.end()
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
-        if depth == 0 and m.start() > best_pos:
-            best, best_pos = text[m.end():i - 1], m.start()
-    for m in re.finditer(r"\\boxed\s+([^\s{$]+)", text):
-        if m.start() > best_pos:
-            best, best_pos = m.group(1), m.start()
-    return best
+        if depth == 0:
+            out.append((m.start(), text[m.end():i - 1]))
+    out += [(m.start(), m.group(1)) for m in re.finditer(r"\\boxed\s+([^\s{$]+)", text)]  # "\boxed 5" occurs too
+    return sorted(out)
+
+
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), in text order."""
+    return [c for _, c in boxed_spans(text)]
+
+
+def last_boxed(text: str, skip_empty: bool = False) -> str | None:
+    """The last ``\\boxed{}`` content by position in the text; with ``skip_empty`` the last one that is not blank
+    (a thinking model repeats the instruction "within \\boxed{}" with an empty box)."""
+    spans = [c for _, c in boxed_spans(text) if not skip_empty or c.strip()]
+    return spans[-1] if spans else None
 
 
 # ---------------------------------------------------------------------------------------------- multiple choice

@@ -9,7 +9,9 @@ percent, simple LaTeX), then sympy-simplified differences when sympy is importab
 
 from __future__ import annotations
 
+import ast
 import logging
+import operator
 import re
 import threading
 from fractions import Fraction
@@ -141,8 +143,31 @@ def _sympy_equal(a: str, b: str) -> bool:
         return False
 
 
+def _decimal_places(s: str) -> int | None:
+    """Digits after the point of a plain decimal answer ("0.333" -> 3); None for anything else."""
+    m = re.fullmatch(r"[-+]?\d*\.(\d+)", normalize_answer(s))
+    return len(m.group(1)) if m else None
+
+
+def numbers_equal(gold: str, pred: str) -> bool | None:
+    """Exact rational equality of two numeric answers; a prediction written as a decimal with at least
+    ``ROUNDED_MIN_PLACES`` places also matches the gold value rounded to that many places (1/3 and "0.333").
+    None when either side is not a number. No relative tolerance: 1000000 and 1000001 differ."""
+    gn, pn = to_number(gold), to_number(pred)
+    if gn is None or pn is None:
+        return None
+    if gn == pn:
+        return True
+    d = _decimal_places(pred)
+    return d is not None and d >= ROUNDED_MIN_PLACES and abs(gn - pn) <= Fraction(1, 2 * 10 ** d)
+
+
+ROUNDED_MIN_PLACES = 3
+
+
 def fallback_equal(gold: str, pred: str | None) -> bool:
-    """Equality without math-verify: normalised strings, then numbers, then (small) sympy expressions."""
+    """Equality without math-verify: normalised strings, then numbers (exact, see ``numbers_equal``), then (small)
+    sympy expressions."""
     if pred is None:
         return False
     g, p = normalize_answer(gold), normalize_answer(pred)
@@ -150,10 +175,23 @@ def fallback_equal(gold: str, pred: str | None) -> bool:
         return False
     if g == p:
         return True
-    gn, pn = to_number(gold), to_number(pred)
-    if gn is not None and pn is not None:
-        return gn == pn or abs(float(gn) - float(pn)) <= 1e-6 * max(1.0, abs(float(gn)))
+    num = numbers_equal(gold, pred)
+    if num is not None:
+        return num
     return _sympy_equal(gold, pred)
+
+
+def answer_equal(gold: str, answer: str | None) -> tuple[bool, str]:
+    """(equal, method) for an extracted final answer: math-verify on ``\\boxed{answer}`` first (as MATH-500), then
+    the fallback normaliser, which can only add exact equalities."""
+    if answer is None or not str(answer).strip():
+        return False, "none"
+    mv = math_verify_equal(gold, f"\\boxed{{{answer}}}")
+    if mv is True:
+        return True, "math_verify"
+    if fallback_equal(gold, answer):
+        return True, "normalised"
+    return False, "math_verify" if mv is not None else "normalised"
 
 
 def math_equal(gold: str, response: str) -> tuple[bool, str | None, str]:
@@ -163,7 +201,7 @@ def math_equal(gold: str, response: str) -> tuple[bool, str | None, str]:
     "not equal" but the boxed strings normalise equal, the sample counts as correct: math-verify misses some
     plain-text forms)."""
     text = strip_thinking_last(response)
-    boxed = last_boxed(text)
+    boxed = last_boxed(text, skip_empty=True)
     mv = math_verify_equal(gold, text)
     if mv is True:
         return True, boxed, "math_verify"
@@ -184,27 +222,92 @@ def gsm8k_gold(answer_field: str) -> str:
 
 
 def gsm8k_extract(response: str) -> str | None:
-    """The anchor's rule: the last ``\\boxed{}`` in the FULL response (thinking included) with ``, $ \\`` removed;
-    else the last number after ``</think>``."""
-    boxes = boxed_contents(response or "")
-    b = last_boxed(response or "") if boxes else None
+    """The anchor's rule: the last ``\\boxed{}`` in the FULL response (thinking included), else the last number
+    after ``</think>``. An empty box does not count (the anchor's ``\\boxed\\{([^}]+)\\}`` skips it too; Qwen3
+    repeats "within \\boxed{}" while thinking). ``\\text{}``, ``$`` and thousands commas are removed; LaTeX
+    arithmetic is kept for ``gsm8k_value``."""
+    b = last_boxed(response or "", skip_empty=True)
     if b is not None:
         b = re.sub(_TEXT_CMDS, r"\1", b)
-        return b.replace(",", "").replace("$", "").replace("\\", "").strip()
+        for tok in ("{,}", "\\$", "$", "\\!", "\\,", "\\;", "\\ "):
+            b = b.replace(tok, " " if tok == "\\ " else "")
+        b = re.sub(r"(\d),(?=\d)", r"\1", b).replace("\\%", "%").strip()
+        if b:
+            return b
     after = strip_thinking_last(response or "")
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", after)
     return nums[-1].replace(",", "") if nums else None
 
 
+_ARITH_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arith_value(expr: str) -> Fraction | None:
+    """The exact value of a small arithmetic expression in plain or LaTeX notation (``14^{2}``, ``3 \\times 4``,
+    ``\\frac{10}{2}``, ``(2+3)*4``); None for anything else. Parsed with ``ast``, never ``eval``."""
+    s = re.sub(r"\\(?:left|right)\b", "", expr)
+    s = s.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/").replace("×", "*").replace("÷", "/")
+    for _ in range(8):  # nested \frac{}{}: innermost first
+        t = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"((\1)/(\2))", s)
+        if t == s:
+            break
+        s = t
+    s = s.replace("^", "**").replace("{", "(").replace("}", ")")
+    if not re.fullmatch(r"[\d\s+\-*/().]+", s) or len(s) > 200:
+        return None
+    try:
+        tree = ast.parse(s.strip(), mode="eval")
+    except SyntaxError:
+        return None
+
+    def ev(n: ast.AST) -> Fraction:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int | float) and not isinstance(n.value, bool):
+            return Fraction(str(n.value))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub | ast.UAdd):
+            v = ev(n.operand)
+            return -v if isinstance(n.op, ast.USub) else v
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow):
+            base, exp = ev(n.left), ev(n.right)
+            if exp.denominator != 1 or abs(exp) > 64 or abs(base) > 10 ** 12:
+                raise ValueError("exponent out of range")
+            return base ** int(exp)
+        if isinstance(n, ast.BinOp) and type(n.op) in _ARITH_OPS:
+            return _ARITH_OPS[type(n.op)](ev(n.left), ev(n.right))
+        raise ValueError(f"not arithmetic: {type(n).__name__}")
+
+    try:
+        return ev(tree)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+
+
+def gsm8k_value(pred: str | None) -> Fraction | None:
+    """The number a GSM8K answer states: the part after the last "=" (``14 - 2 = 12`` is 12), as a number (a
+    trailing percent sign or unit words dropped), else as an arithmetic expression (``14^{2}`` is 196), else the
+    one number among words (``18 apples``); None when there is no single number (``18 apples and 3 pears``)."""
+    if pred is None:
+        return None
+    s = pred.rsplit("=", 1)[-1].strip()
+    s = re.sub(r"\s*(?:\\?%|percent)\s*$", "", s)  # GSM8K golds omit the percent sign
+    v = to_number(s)
+    if v is None:
+        v = _arith_value(s)
+    if v is None:
+        nums = re.findall(r"-?\d+(?:\.\d+)?", s)
+        v = Fraction(nums[0]) if len(nums) == 1 else None
+    return v
+
+
 def gsm8k_equal(gold: str, pred: str | None) -> bool:
-    """String equality as in the anchor, plus numeric equality ("18.00" == "18", "18 dollars" == "18")."""
+    """String equality as in the anchor, else equal values (``gsm8k_value``): "18.00", "18 dollars", ``14 - 2 = 12``
+    and ``3 \\times 4`` are right for 18, 18, 12 and 12."""
     if pred is None:
         return False
     if pred == gold:
         return True
-    gn = to_number(gold)
-    m = re.search(r"-?\d+(?:\.\d+)?(?:/\d+)?", pred.replace(",", ""))
-    pn = to_number(m.group(0)) if m else None
+    gn, pn = to_number(gold), gsm8k_value(pred)
     return gn is not None and pn is not None and gn == pn
 
 
@@ -230,7 +333,7 @@ def mathbench_cloze_extract(response: str) -> str | None:
     """After the first ``</think>``: the last ``\\boxed{}``; else OC's rule (first number after "The answer is",
     else the last number)."""
     text = strip_thinking_first(response or "")
-    b = last_boxed(text)
+    b = last_boxed(text, skip_empty=True)
     if b is not None:
         return b
     parts = re.split(r"The answer is|答案是", text)

@@ -33,12 +33,11 @@ from .extract import (
 )
 from .mathscore import (
     aime_extract,
-    fallback_equal,
+    answer_equal,
     gsm8k_equal,
     gsm8k_extract,
     gsm8k_gold,
     math_equal,
-    math_verify_equal,
     mathbench_cloze_extract,
 )
 from .paper import QUALITY
@@ -395,9 +394,8 @@ class MathBench(Benchmark):
     def score(self, item, variant, response):
         if variant is None:
             got = mathbench_cloze_extract(response)
-            ok = got is not None and (fallback_equal(item.data["gold"], got)
-                                      or bool(math_verify_equal(item.data["gold"], f"\\boxed{{{got}}}")))
-            return Score(float(ok), got, {"gold": item.data["gold"]})
+            ok, how = answer_equal(item.data["gold"], got)
+            return Score(float(ok), got, {"gold": item.data["gold"], "method": how})
         _, gold = rotate_options(item.data["options"], item.data["gold"], variant)
         got = extract_choice(response, 4, "option")
         if got is None:  # the Chinese prompt asks for "所以答案为选项X"

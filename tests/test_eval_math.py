@@ -89,3 +89,45 @@ def test_mathbench_cloze_extract():
     assert M.mathbench_cloze_extract("<think>x</think>The answer is 1,200 apples and 3") == "1200"
     assert M.mathbench_cloze_extract("<think>x</think>we get 3 then 9") == "9"
     assert M.mathbench_cloze_extract("<think>x</think>none") is None
+
+
+@pytest.mark.parametrize("gold,response,correct", [
+    ("12", "<think>x</think>\\boxed{14 - 2 = 12}", True),     # the value after the last "=" counts, not 14
+    ("14", "<think>x</think>\\boxed{14 - 2 = 12}", False),
+    ("196", "<think>x</think>\\boxed{14^{2}}", True),        # an expression is evaluated, not read as 14
+    ("14", "<think>x</think>\\boxed{14^{2}}", False),
+    ("12", "<think>x</think>\\boxed{3 \\times 4}", True),
+    ("18", "<think>x</think>\\boxed{\\$18.00}", True),
+    ("18", "<think>x</think>\\boxed{18 \\text{ apples}}", True),
+    ("18", "<think>x</think>\\boxed{18 apples and 3 pears}", False),  # two numbers: no single value
+    ("5", "<think>x</think>\\boxed{\\frac{10}{2}}", True),
+])
+def test_gsm8k_boxed_value(gold, response, correct):
+    assert M.gsm8k_equal(gold, M.gsm8k_extract(response)) is correct
+
+
+def test_gsm8k_empty_box_does_not_block_the_fallback():
+    # Qwen3 repeats the instruction while thinking; the answer itself is not boxed
+    r = "<think>I must put the final answer within \\boxed{}. 5 + 7 = 12</think>The total is 12 apples."
+    assert M.gsm8k_extract(r) == "12"
+    assert M.gsm8k_extract("<think>\\boxed{ }</think>\\boxed{}") is None
+
+
+def test_fallback_numbers_are_exact_except_for_rounded_decimals():
+    assert not M.fallback_equal("1000000", "1000001")
+    assert not M.fallback_equal("0.0001", "0.0001001")
+    assert M.fallback_equal("1000000", "1,000,000")
+    assert M.fallback_equal("\\frac{1}{3}", "0.333")         # a decimal rounded to its last digit
+    assert not M.fallback_equal("\\frac{1}{3}", "0.3")       # too coarse
+    assert not M.fallback_equal("\\frac{1}{3}", "0.334")
+
+
+def test_mathbench_cloze_uses_the_math_rule(monkeypatch):
+    from idlm.eval.tasks import Item, MathBench
+
+    b = MathBench()
+    it = Item("primary/cloze_en/0", {"set": "primary", "kind": "cloze_en", "question": "q", "gold": "1000000"})
+    assert b.score(it, None, "<think>x</think>\\boxed{1000001}").score == 0.0
+    assert b.score(it, None, "<think>x</think>\\boxed{1,000,000}").score == 1.0
+    monkeypatch.setitem(M._MV_STATE, "mod", None)  # without math-verify the fallback decides
+    assert b.score(it, None, "<think>x</think>\\boxed{1000001}").score == 0.0
