@@ -83,10 +83,12 @@ def extract_choice(text: str | None, n_options: int = 4, style: str = "answer_is
     """The chosen option letter, or None.
 
     ``style`` picks the first pattern, as the benchmark's prompt asks for it: ``answer_is`` ("The answer is (X)",
-    ARC/MMLU/MMLU-Pro), ``answer_colon`` ("ANSWER: X", GPQA), ``option`` ("the correct answer is option X",
-    MathBench). Then, in order: other "answer is/answer:" forms, ``\\boxed{X}``, a trailing ``**X**`` / ``(X)``,
-    a last line "X." / "X)", a final "Answer: X".
+    ARC/MMLU/MMLU-Pro), ``answer_colon`` ("ANSWER: X", GPQA; also ``ANSWER: $X$``, the prompt's literal
+    ``$LETTER``), ``option`` ("the correct answer is option X", MathBench). Then, in order: other "answer is/answer:"
+    forms, ``\\boxed{X}``, a trailing ``**X**`` / ``(X)``, a last line "X." / "X)", a final "Answer: X".
 
+    Within a pattern the LAST occurrence wins: a model that corrects itself ("the answer is (A). Wait... the answer
+    is (C)") or writes two ``ANSWER:`` lines means the final one (the anchor's ``re.search`` took the first).
     Unlike the anchor's regexes, a letter must stand alone (upper case, or lower case inside parentheses), so
     "the answer is a bit unclear" or ``\\boxed{\\text{B}}`` cannot be read as A or E.
     """
@@ -96,7 +98,7 @@ def extract_choice(text: str | None, n_options: int = 4, style: str = "answer_is
     L = _letters(n_options)
     cls = f"[{L}]"
     letter = rf"(?:\(({cls}|[{L.lower()}])\)|({cls}))(?![A-Za-z0-9])"  # (X) | (x) | X, standing alone
-    bold = r"\*{0,2}"
+    wrap = r"(?:\*\*|\$|\\(?:text|textbf|mathrm|mathbf)\s*\{|\s)*"  # bold, $..$, \text{..} around the letter
 
     def pick(m: re.Match | None) -> str | None:
         if not m:
@@ -106,18 +108,19 @@ def extract_choice(text: str | None, n_options: int = 4, style: str = "answer_is
 
     patterns: list[str] = []
     if style == "answer_colon":
-        patterns.append(rf"ANSWER\s*:\s*{bold}\s*{letter}")
+        patterns.append(rf"ANSWER\s*:{wrap}{letter}")
     if style == "option":
-        patterns.append(rf"(?i:correct\s+answer\s+is)\s*:?\s*{bold}\s*(?i:option)?\s*{bold}\s*{letter}")
+        patterns.append(rf"(?i:correct\s+answer\s+is)\s*:?{wrap}(?i:option)?{wrap}{letter}")
     patterns += [
-        rf"(?i:answer\s+is)\s*:?\s*{bold}\s*(?i:option\s+)?{bold}\s*{letter}",
-        rf"(?i:answer)\s*{bold}\s*:\s*{bold}\s*(?i:option\s+)?{letter}",
+        rf"(?i:answer\s+is)\s*:?{wrap}(?i:option\s+)?{wrap}{letter}",
+        rf"(?i:answer){wrap}:{wrap}(?i:option\s+)?{letter}",
     ]
     for p in patterns:
-        m = pick(re.search(p, region))
-        if m:
-            return m
-    for content in boxed_contents(region):
+        for m in reversed(list(re.finditer(p, region))):
+            got = pick(m)
+            if got:
+                return got
+    for content in reversed(boxed_contents(region)):
         c = _clean_box(content)
         m = re.fullmatch(rf"\(?({cls})\)?(?:[.):]\s*.*)?", c, flags=re.S)
         if m:
@@ -129,7 +132,7 @@ def extract_choice(text: str | None, n_options: int = 4, style: str = "answer_is
     lines = re.findall(rf"(?m)^\s*\(?({cls})[.)]\s*$", region)
     if lines:
         return lines[-1]
-    m = re.search(rf"^\s*{bold}({cls}){bold}\s*\.?\s*$", tail)
+    m = re.search(rf"^\s*\*{{0,2}}({cls})\*{{0,2}}\s*\.?\s*$", tail)
     if m:
         return m.group(1)
     return None

@@ -100,3 +100,17 @@ def test_humaneval_body_starting_with_a_nested_def_or_import_keeps_its_indentati
     assert extract_humaneval_code(f"<think>x</think>\n\n{nested}", None) == nested  # a helper is not a whole def
     whole = "    def f(x):\n        return x\n"  # a whole function indented as a block is dedented
     assert extract_humaneval_code(f"<think>x</think>```python\n{whole}```", "f") == "def f(x):\n    return x\n"
+
+
+@pytest.mark.parametrize("response,style,expected", [
+    ("<think>x</think>The answer is (A). Wait, that was wrong: the answer is (C).", "answer_is", "C"),
+    ("<think>x</think>So the answer is **B**.\n\nOn reflection, the answer is **D**", "answer_is", "D"),
+    ("<think>x</think>Reasoning...\nANSWER: $C$", "answer_colon", "C"),          # what GPQA's prompt literally asks
+    ("<think>x</think>ANSWER: $\\text{B}$", "answer_colon", "B"),
+    ("<think>x</think>ANSWER: A\nHmm, no.\nANSWER: B", "answer_colon", "B"),   # the final line counts
+    ("<think>x</think>\\boxed{A} is tempting, but \\boxed{C}", "answer_is", "C"),
+    ("<think>x</think>the correct answer is option A... no, the correct answer is option B", "option", "B"),
+    ("<think>x</think>ANSWER: $E$", "answer_colon", None),
+])
+def test_extract_choice_takes_the_final_answer(response, style, expected):
+    assert extract_choice(response, 4, style) == expected
