@@ -23,17 +23,35 @@ class ObjectiveConfig:
     auto_balance: weight the clean term by CE_noisy / CE_clean (detached), times ``alpha``.
     block_align: where mask blocks start: ``"response"`` restarts blocks at every supervised segment,
         ``"sequence"`` aligns them to position 0 as the paper's code does.
+    distill_kl: weight of KL(teacher || model) on the clean half, the teacher being the frozen model before
+        conversion: it keeps the AR distribution where the base had it (0 at initialisation). 0 = off.
+    distill_soft: share of soft targets in the noisy half, in [0, 1]: the MASK rows are trained towards the
+        teacher's next-token distribution p instead of the data token (what ISD's min(1, p/q) rewards). 0 = off.
     """
 
     alpha: float = 0.2
     auto_balance: bool = False
     block_align: Literal["response", "sequence"] = "response"
+    distill_kl: float = 0.0
+    distill_soft: float = 0.0
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise UserError(f"objective alpha must be >= 0, got {self.alpha}")
         if self.block_align not in ("response", "sequence"):
             raise UserError(f"objective block_align must be 'response' or 'sequence', got {self.block_align!r}")
+        if not self.distill_kl >= 0:  # also rejects NaN
+            raise UserError(f"objective distill_kl must be >= 0, got {self.distill_kl}")
+        if not 0 <= self.distill_soft <= 1:
+            raise UserError(f"objective distill_soft must be in [0, 1], got {self.distill_soft}")
+        if self.auto_balance and self.distill_kl > 0:
+            raise UserError("objective auto_balance and distill_kl cannot be combined: the KL term already anchors "
+                            "the clean half; use a fixed alpha")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the objective needs the frozen teacher's logits."""
+        return self.distill_kl > 0 or self.distill_soft > 0
 
 
 @dataclass
@@ -73,9 +91,14 @@ class IDLMConfig:
         return cls(**data)
 
 
+# Largest stride N: a step reads 2N - 1 rows per request and every checkpoint's mask blocks are N - 1 wide; far
+# beyond the paper's N <= 8 and small enough that a typo (1000000000) fails here, not in every request.
+MAX_STRIDE = 64
+
+
 def check_stride(stride: int) -> None:
-    if not isinstance(stride, int) or stride < 2:
-        raise UserError(f"stride must be an integer >= 2 (N tokens per step), got {stride!r}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 2 <= stride <= MAX_STRIDE:
+        raise UserError(f"stride must be an integer >= 2 and <= {MAX_STRIDE} (N tokens per step), got {stride!r}")
 
 
 def step_rows(stride: int) -> int:

@@ -8,6 +8,10 @@ For a row with clean ids x_0 (length L) and labels (-100 outside the supervised 
 * loss = CE_noisy + w * CE_clean, each a *sum* over the micro-batch divided by a normaliser that the
   caller may set to the supervised-target count of the whole global batch (all accumulation steps and
   ranks), so k micro-batches with accumulation give exactly the loss and gradients of one big batch.
+* distillation (optional, `Teacher`): with p the frozen teacher's next-token distribution at the same position,
+  the noisy term becomes (1 - s) * CE_noisy + s * KL(p || q_noisy) (s = ``distill_soft``) and the clean term
+  gains k * KL(p || q_clean) (k = ``distill_kl``); same normalisers, and the teacher's logits, like the model's,
+  exist only one chunk at a time.
 
 Nothing here depends on LlamaFactory; the trainer in `idlm.training` calls `idlm_loss`.
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from idlm.config import IDLMConfig, ObjectiveConfig
-from idlm.losses import IGNORE_INDEX, linear_cross_entropy_sum
+from idlm.losses import IGNORE_INDEX, linear_cross_entropy_sum, linear_mixed_cross_entropy_sum
 from idlm.masks import (
     SequenceLayout,
     additive_mask,
@@ -65,6 +69,7 @@ class LossOutput:
 
     ce_noisy / ce_clean: this micro-batch's summed CE divided by the normaliser that was used.
     sum_* / n_*: the raw summed CE and target counts of this micro-batch (for logging and all-reduce).
+    sum_kl_noisy / sum_kl_clean: summed KL(teacher || model) of each half (zeros without a teacher).
     """
 
     loss: torch.Tensor
@@ -75,6 +80,30 @@ class LossOutput:
     sum_clean: torch.Tensor
     n_noisy: int
     n_clean: int
+    sum_kl_noisy: torch.Tensor | None = None
+    sum_kl_clean: torch.Tensor | None = None
+
+
+@dataclass
+class Teacher:
+    """A frozen HF causal LM whose next-token distribution is the distillation target (the model before
+    conversion: at initialisation the clean half equals it and KL is 0). Same vocabulary as the student; it reads
+    x_0 only, as a plain causal LM, under no_grad."""
+
+    model: torch.nn.Module
+
+    @torch.no_grad()
+    def hidden_states(self, inputs: IDLMInputs) -> torch.Tensor:
+        """Final-norm hidden states [B, L, d_t] of the teacher on the clean rows x_0 of ``inputs``."""
+        K = inputs.num_noisy_rows
+        valid = inputs.layout.valid
+        out = self.model.get_decoder()(input_ids=inputs.input_ids[:, K:], position_ids=inputs.position_ids[:, K:],
+                                       attention_mask=valid.long(), use_cache=False)
+        return out.last_hidden_state
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -208,6 +237,7 @@ def idlm_loss(
     weight: torch.Tensor | float | None = None,
     chunk_size: int = 2048,
     compact: bool = True,
+    teacher: Teacher | None = None,
 ) -> LossOutput:
     """CE_noisy + w * CE_clean for one micro-batch of an HF causal LM.
 
@@ -216,35 +246,75 @@ def idlm_loss(
         default: this micro-batch's own counts (at least 1, so a batch without targets gives 0, not NaN).
     weight: w; default from ``cfg.objective`` (fixed alpha, or auto-balance on this micro-batch's CE ratio).
         A trainer that accumulates should pass one weight for the whole optimizer step.
+    teacher: the frozen model whose distribution ``distill_kl`` / ``distill_soft`` train towards (`Teacher`).
     """
     inputs = build_inputs(
         input_ids, labels, cfg.mask_token_id, cfg.block_size, attention_mask, cfg.objective.block_align, compact
     )
+    obj = cfg.objective
+    if obj.uses_teacher and teacher is None:
+        raise ValueError("the objective has distill_kl / distill_soft set but no teacher was given")
     hidden = idlm_hidden_states(model, inputs)
     K = inputs.num_noisy_rows
     d = hidden.shape[-1]
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
-    sum_noisy, n_noisy = linear_cross_entropy_sum(
-        hidden[:, :K].reshape(-1, d), head.weight, inputs.noisy_targets.reshape(-1), bias, chunk_size
-    )
-    sum_clean, n_clean = linear_cross_entropy_sum(
-        hidden[:, K:].reshape(-1, d), head.weight, inputs.clean_targets.reshape(-1), bias, chunk_size
-    )
-    ce_noisy = sum_noisy / max(num_noisy if num_noisy is not None else n_noisy, 1)
-    ce_clean = sum_clean / max(num_clean if num_clean is not None else n_clean, 1)
-    if weight is None:
-        w = clean_weight(cfg.objective, ce_noisy, ce_clean)
+    h_noisy, h_clean = hidden[:, :K].reshape(-1, d), hidden[:, K:].reshape(-1, d)
+    t_noisy = inputs.noisy_targets.reshape(-1)
+    t_clean = inputs.clean_targets.reshape(-1)
+    norm_noisy = max(num_noisy if num_noisy is not None else int((t_noisy != IGNORE_INDEX).sum()), 1)
+    norm_clean = max(num_clean if num_clean is not None else int((t_clean != IGNORE_INDEX).sum()), 1)
+    zero = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    kl_noisy = kl_clean = zero
+    th_noisy = th_clean = None
+    if teacher is not None and obj.uses_teacher:
+        th = teacher.hidden_states(inputs)  # [B, L, d_t]
+        dt = th.shape[-1]
+        th_clean = th.reshape(-1, dt)
+        idx = inputs.noisy_index.clamp(min=0)[..., None].expand(-1, -1, dt)
+        th_noisy = th.gather(1, idx).reshape(-1, dt)
+        t_head = teacher.head
+        t_w, t_b = t_head.weight, getattr(t_head, "bias", None)
+
+    if th_noisy is not None and obj.distill_soft > 0:
+        m = linear_mixed_cross_entropy_sum(h_noisy, head.weight, t_noisy, th_noisy, t_w, obj.distill_soft, bias, t_b,
+                                           chunk_size)
+        sum_noisy, n_noisy, kl_noisy = m.hard, m.count, m.soft - m.entropy
+        noisy_term = (m.mixed - obj.distill_soft * m.entropy) / norm_noisy
     else:
-        w = torch.as_tensor(weight, dtype=ce_noisy.dtype, device=hidden.device).detach()
-    loss = ce_noisy + w * ce_clean
+        sum_noisy, n_noisy = linear_cross_entropy_sum(h_noisy, head.weight, t_noisy, bias, chunk_size)
+        noisy_term = sum_noisy / norm_noisy
+    ce_noisy = sum_noisy.detach() / norm_noisy
+
+    if weight is None and obj.distill_kl > 0:
+        weight = obj.alpha  # auto_balance is excluded with distill_kl (ObjectiveConfig)
+    if th_clean is not None and obj.distill_kl > 0:
+        w = torch.as_tensor(weight, dtype=zero.dtype, device=hidden.device).detach()
+        scale = float(w) + obj.distill_kl
+        m = linear_mixed_cross_entropy_sum(h_clean, head.weight, t_clean, th_clean, t_w, obj.distill_kl / scale,
+                                           bias, t_b, chunk_size)
+        sum_clean, n_clean, kl_clean = m.hard, m.count, m.soft - m.entropy
+        clean_term = (scale * m.mixed - obj.distill_kl * m.entropy) / norm_clean  # = (w CE + k KL) / norm
+        ce_clean = sum_clean.detach() / norm_clean
+    else:
+        sum_clean, n_clean = linear_cross_entropy_sum(h_clean, head.weight, t_clean, bias, chunk_size)
+        ce_clean_graph = sum_clean / norm_clean
+        ce_clean = ce_clean_graph.detach()
+        if weight is None:
+            w = clean_weight(obj, ce_noisy, ce_clean)
+        else:
+            w = torch.as_tensor(weight, dtype=ce_clean.dtype, device=hidden.device).detach()
+        clean_term = w * ce_clean_graph
+    loss = noisy_term + clean_term
     return LossOutput(
         loss=loss,
-        ce_noisy=ce_noisy.detach(),
-        ce_clean=ce_clean.detach(),
+        ce_noisy=ce_noisy,
+        ce_clean=ce_clean,
         weight=w,
         sum_noisy=sum_noisy.detach(),
         sum_clean=sum_clean.detach(),
         n_noisy=n_noisy,
         n_clean=n_clean,
+        sum_kl_noisy=kl_noisy.detach(),
+        sum_kl_clean=kl_clean.detach(),
     )
