@@ -63,6 +63,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             flags.append(f"{s['n_errors']} errors")
         if s["n_missing"]:
             flags.append(f"{s['n_missing']} missing")
+        if s.get("n_truncated"):
+            flags.append(f"{s['n_truncated']} truncated at max_tokens")
         paper = s.get("paper", {}).get("I-DLM-8B")
         score = "-" if s["score"] is None else f"{s['score']:.1f}"
         print(f"  {s['display']:<{width}}  {score:>6}  ({s['n_items']} items x {s['samples_per_item']})"

@@ -11,6 +11,7 @@ Output directory::
     OUT/<bench>/samples.jsonl     one JSON line per sample: prompt, response, extracted answer, score, ...
     OUT/<bench>/summary.json      the benchmark's score, counts, settings, the paper's numbers
     OUT/summary.json              all benchmarks of the run
+    OUT/.idlm-eval.lock           held (fcntl.flock) by the run writing into OUT; says which process that is
 
 Resuming: a sample whose latest line has a response and a score is not redone; a response without a score is
 only re-scored; an errored sample is tried again (unless ``retry_errors`` is off). Lines are appended and flushed
@@ -24,13 +25,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
+import shlex
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +182,46 @@ def compact(path: Path, order: list[str]) -> None:
         for k in keys:
             f.write(json.dumps(recs[k], ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- output lock
+LOCK_NAME = ".idlm-eval.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``OUT/.idlm-eval.lock`` for the whole run: two runs appending to the same
+    samples files would interleave and overwrite each other's summaries. The second one stops at once, naming the
+    process that holds the directory (pid, host, start time, command). The kernel drops the lock when the process
+    dies, so a killed run never leaves the directory locked."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path)
+            raise UserError(f"{out} is in use by another `idlm eval` ({holder}); wait for it to finish or pass "
+                            "another --output") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": shlex.join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+        cmd = h.get("command", "")
+        return (f"pid {h['pid']} on {h.get('host', '?')}, started {h.get('started', '?')}"
+                + (f": {cmd[:200]}" if cmd else ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has just started"
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -406,8 +451,8 @@ class EvalRun:
         return self._summarize(plans)
 
     def run(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(self._run())
+        with output_lock(self.out):
+            return asyncio.run(self._run())
 
     # ------------------------------------------------------------------ results
     def _write_run_json(self, model: str) -> None:

@@ -167,6 +167,10 @@ def quality_table(runs: list[dict], paper_models: tuple[str, ...] = TABLE_MODELS
             if s.get("n_missing"):
                 flags.append(f"{s['n_missing']} missing")
                 notes.add("missing: samples not finished (an interrupted run; rerun the same command to resume)")
+            if s.get("n_truncated"):
+                flags.append(f"{s['n_truncated']} trunc")
+                notes.add("trunc: answers cut off at max_tokens (finish_reason=length), scored as they are; "
+                          "a larger --max-tokens may change the score")
             if s.get("samples_per_item", 1) > 1:
                 flags.append(f"avg@{s['samples_per_item']}")
             cells.append(txt + (f" ({', '.join(flags)})" if flags else ""))

@@ -249,3 +249,57 @@ def test_missing_data_stops_or_is_skipped(tmp_path, monkeypatch):
 
     text, _ = quality_table(load_results([tmp_path / "b"])[0])
     assert "| MMLU | skipped (no data) |" in text
+
+
+def test_truncated_answers_are_shown_by_the_cli(tmp_path, capsys):
+    gold = gsm8k_gold()
+
+    def respond(body, n):
+        i = question_index(body)
+        return completion(f"<think>x</think>\\boxed{{{gold[i]}}}", finish="length" if i < 2 else "stop")
+
+    with FakeServer(respond) as srv:
+        rc = main(["eval", "--base-url", srv.url, "--suite", "gsm8k", "--output", str(tmp_path),
+                   "--data-dir", str(FIX), "--no-verify-data", "--no-progress"])
+    assert rc == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "GSM8K" in x)
+    assert "2 truncated" in line, line
+    assert json.loads((tmp_path / "gsm8k/summary.json").read_text())["n_truncated"] == 2
+
+
+def test_two_runs_into_one_output_directory_are_refused(tmp_path, capsys):
+    import os
+
+    gold = gsm8k_gold()
+    release = threading.Event()
+    started = threading.Event()
+
+    def respond(body, n):
+        started.set()
+        release.wait(20)  # hold the first run in flight
+        return completion(f"<think>x</think>\\boxed{{{gold[question_index(body)]}}}")
+
+    with FakeServer(respond) as srv:
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.setdefault("summary", EvalRun(cfg(srv.url, tmp_path, limit=1)).run()))
+        t.start()
+        try:
+            assert started.wait(20)
+            from idlm.errors import UserError
+
+            with pytest.raises(UserError) as e:
+                EvalRun(cfg(srv.url, tmp_path, limit=2)).run()
+            msg = str(e.value)
+            assert str(tmp_path) in msg and f"pid {os.getpid()}" in msg and "\n" not in msg
+            rc = main(["eval", "--base-url", srv.url, "--suite", "gsm8k", "--output", str(tmp_path),
+                       "--data-dir", str(FIX), "--no-verify-data", "--no-progress", "--model", "m"])
+            assert rc == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "another `idlm eval`" in err[0]
+        finally:
+            release.set()
+            t.join(30)
+    assert first["summary"]["benchmarks"]["gsm8k"]["score"] == 100.0
+    assert len(srv.bodies) == 1  # the refused runs sent nothing
+    with FakeServer(lambda b, n: completion(f"<think>x</think>\\boxed{{{gold[question_index(b)]}}}")) as srv2:
+        assert EvalRun(cfg(srv2.url, tmp_path, limit=2)).run()["benchmarks"]["gsm8k"]["n_items"] == 2  # freed

@@ -78,3 +78,14 @@ def test_write_tables_and_cli(tmp_path, capsys):
     assert main(["tables", str(empty)]) == 2
     res = write_tables([str(tdir)], tmp_path / "only_tput")
     assert res["quality"] == [] and len(res["throughput"]) == 3
+
+
+def test_truncated_answers_are_flagged_in_the_table(tmp_path):
+    d = eval_dir(tmp_path, "mine", {"gsm8k": 91.25, "math500": 80.0}, n_truncated=0)
+    s = json.loads((d / "summary.json").read_text())
+    s["benchmarks"]["gsm8k"]["n_truncated"] = 3
+    (d / "summary.json").write_text(json.dumps(s))
+    text, _ = quality_table(load_results([d])[0])
+    assert "| GSM8K | 91.2 (3 trunc) | 95.0 | 96.0 |" in text
+    assert "| MATH-500 | 80.0 | 96.8 | 95.8 |" in text
+    assert "trunc: answers cut off at max_tokens" in text
