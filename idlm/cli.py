@@ -111,6 +111,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         dtype=args.dtype,
         log_level="info" if args.verbose else "warning",
+        max_request_bytes=args.max_request_bytes,
     )
     return 0
 
@@ -132,6 +133,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="native engine: request bodies larger than this get HTTP 413 (default 8 MiB)")
     p.add_argument("--draft-mode", default="argmax", choices=["argmax", "sample"],
                    help="sglang engine: how sampled requests draft (both exact; default argmax)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
@@ -147,14 +150,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride must be >= 1 (1 = plain AR decoding), got {args.stride}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    from idlm.requests import InvalidRequest, check_sampling
+
+    try:  # the rules the server and the engine apply too
+        check_sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens,
+                       spell=lambda field: "--" + field.replace("_", "-"))
+    except InvalidRequest as exc:
+        raise UserError(str(exc)) from None
     if args.device is not None:
         import torch
 
@@ -219,21 +221,28 @@ SUBCOMMANDS.append(_add_generate)
 def _cmd_train(args: argparse.Namespace) -> int:
     from idlm.training.launch import run_recipe
 
-    return run_recipe(args.recipe, args.overrides, dry_run=args.dry_run)
+    phases = tuple(x.strip() for x in args.phases.split(",") if x.strip()) if args.phases else None
+    return run_recipe(args.recipe, args.overrides, dry_run=args.dry_run, **({"phases": phases} if phases else {}))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an I-DLM from a recipe (LlamaFactory + DeepSpeed, stride curriculum)",
                        description="Run a training recipe (a LlamaFactory-style YAML file plus I-DLM keys: stride, "
-                                   "alpha, auto_balance, stages, finetuning: gated_lora, ...). Stages run in order, "
-                                   "each from the previous stage's weights; rerunning the same command after a kill "
-                                   "skips finished stages and resumes the current one from its last checkpoint. "
+                                   "alpha, auto_balance, distill_kl, distill_soft, stages, finetuning: gated_lora, "
+                                   "...) and optional pipeline sections: base (convert an AR model), generate (its "
+                                   "sampled responses as data), adapter (a gated-LoRA stage), evaluate (quality and "
+                                   "ISD hooks). Stages run in order, each from the previous stage's weights; "
+                                   "rerunning the same command after a kill skips finished phases and stages and "
+                                   "resumes the current one from its last checkpoint. "
                                    "Ranks: NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, LAUNCHER "
                                    "(torchrun or deepspeed). See docs/training.md.")
     p.add_argument("recipe", help="recipe YAML file (e.g. configs/train/qwen3_8b_idlm.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override recipe keys (values read as YAML); stages.I.key=value sets a key of stage I")
+                   help="override recipe keys (values read as YAML); stages.I.key=value sets a key of stage I, "
+                        "SECTION.key=value a key of a section (e.g. generate.samples_per_prompt=4)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan as JSON and exit")
+    p.add_argument("--phases", default=None, metavar="LIST",
+                   help="comma-separated phases to run: prepare,generate,train,evaluate (default: all)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -13,6 +13,7 @@ between steps the cache holds exactly the committed tokens of every request.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections import deque
@@ -36,7 +37,11 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
+from idlm.config import MAX_STRIDE
+from idlm.requests import check_max_new_tokens, check_seed, check_temperature, check_top_k, check_top_p
 from idlm.sampling import process_logits, sample_from_probs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,11 +70,12 @@ class RequestOutput:
     new_token_ids: list[int]
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None
     prompt_tokens: int
     forwards: int
     tpf: float
     acceptance: list[float]
+    error: str | None = None  # with finish_reason "error": why this request failed in a step (the others went on)
 
 
 def pooled_tpf(outputs: list[RequestOutput]) -> float:
@@ -187,6 +193,13 @@ class PaddedKVCache:
                     buf[i] = torch.cat([_pad_to(a, cap), _pad_to(b, cap)], 0)
         self.lengths = self.lengths + other.lengths
 
+    def subset(self, index: int) -> PaddedKVCache:
+        """A new cache holding a copy of request ``index`` alone."""
+        out = PaddedKVCache([self.lengths[index]], self.device)
+        out.keys = [k[index:index + 1].clone() for k in self.keys]
+        out.values = [v[index:index + 1].clone() for v in self.values]
+        return out
+
     def request_kv(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The valid cache of request ``index``: per layer (keys, values) of shape [H, lengths[index], D]."""
         n = self.lengths[index]
@@ -247,6 +260,7 @@ class _Request:
     q_probs: torch.Tensor | None = None  # [N - 1, V] processed draft distributions (ratio-rule modes only)
     num_drafts: int = 0
     finish_reason: str | None = None
+    error: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -268,7 +282,13 @@ class _Request:
             forwards=self.stats.forwards,
             tpf=self.stats.tpf,
             acceptance=self.stats.acceptance,
+            error=self.error,
         )
+
+    def fail(self, exc: Exception) -> None:
+        """End this request because a step failed on it alone."""
+        self.finish_reason = "error"
+        self.error = f"{type(exc).__name__}: {exc}"
 
     def emit(self, tokens: list[int]) -> int:
         """Append tokens until a stop token or the length limit; returns how many were appended."""
@@ -317,8 +337,8 @@ class ISDEngine:
         max_context: int | None = None,
         device=None,
     ):
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride must be an integer >= 1 (1 = plain AR decoding), got {stride!r}")
+        if not isinstance(stride, int) or not 1 <= stride <= MAX_STRIDE:
+            raise ValueError(f"stride must be an integer in [1, {MAX_STRIDE}] (1 = plain AR decoding), got {stride!r}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         config = model.config
@@ -370,8 +390,8 @@ class ISDEngine:
         from idlm.checkpoint import idlm_config_of, load_causal_lm
         from idlm.errors import UserError
 
-        if stride is not None and (not isinstance(stride, int) or stride < 1):
-            raise UserError(f"stride must be an integer >= 1 (1 = plain AR decoding), got {stride!r}")
+        if stride is not None and (not isinstance(stride, int) or not 1 <= stride <= MAX_STRIDE):
+            raise UserError(f"stride must be an integer in [1, {MAX_STRIDE}] (1 = plain AR decoding), got {stride!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if lora is not None:
             from idlm.inference.lora import GatedLoRAConfig, load_gated_lora
@@ -404,14 +424,12 @@ class ISDEngine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_rows]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_rows - 1})")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        if params.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-        if params.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {params.top_k}")
-        if not 0 < params.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+        # the shared rules (idlm.requests); InvalidRequest is a ValueError
+        check_max_new_tokens(params.max_new_tokens)
+        check_temperature(params.temperature)
+        check_top_k(params.top_k)
+        check_top_p(params.top_p)
+        check_seed(params.seed)
         check_draft_mode(params.draft_mode)
         # A step writes up to 2N - 1 rows after the committed tokens; the last one may reach this far.
         slack = max_step_rows(self.stride) - 1
@@ -465,10 +483,10 @@ class ISDEngine:
             admitted.append(self._waiting.popleft())
         touched: list[_Request] = []
         if admitted:
-            touched += self._prefill(admitted)
+            touched += self._prefill_guarded(admitted)
         if self._running:
             seen = {id(r) for r in touched}
-            touched += [r for r in self._decode() if id(r) not in seen]
+            touched += [r for r in self._decode_guarded() if id(r) not in seen]
         for req in touched:
             outputs.append(req.output())
             req.new_token_ids = []
@@ -533,6 +551,66 @@ class ISDEngine:
         return (torch.tensor([r.params.temperature for r in reqs], device=dev, dtype=torch.float64),
                 torch.tensor([r.params.top_k for r in reqs], device=dev),
                 torch.tensor([r.params.top_p for r in reqs], device=dev, dtype=torch.float64))
+
+    # A batched prefill or decode that raises before it commits anything is retried one request at a time, so a
+    # request that breaks the step ends alone (finish_reason "error") and the others go on as if it never ran with
+    # them (their generators are rewound; outputs do not depend on the batch). A failure after the cache moved is not
+    # attributable: it propagates and the caller fails the whole batch.
+
+    def _prefill_guarded(self, reqs: list[_Request]) -> list[_Request]:
+        running, lengths, rng = len(self._running), list(self._cache.lengths), _rng_states(reqs)
+        try:
+            return self._prefill(reqs)
+        except Exception as exc:
+            if len(self._running) != running or self._cache.lengths != lengths:
+                raise
+            if len(reqs) == 1:
+                return self._failed(reqs[0], exc)
+        _set_rng_states(rng)
+        for req in reqs:
+            try:
+                self._prefill([req])
+            except Exception as exc:
+                if len(self._running) != running or self._cache.lengths != lengths:
+                    raise
+                self._failed(req, exc)
+            running, lengths = len(self._running), list(self._cache.lengths)
+        return reqs
+
+    def _decode_guarded(self) -> list[_Request]:
+        reqs, lengths, rng = list(self._running), list(self._cache.lengths), _rng_states(self._running)
+        try:
+            return self._decode()
+        except Exception as exc:
+            if self._running != reqs or self._cache.lengths != lengths:
+                raise
+            if len(reqs) == 1:
+                self._running, self._cache = [], PaddedKVCache([], self.device)
+                return self._failed(reqs[0], exc)
+        _set_rng_states(rng)
+        full, kept, caches = self._cache, [], []
+        for i, req in enumerate(reqs):
+            self._running, self._cache = [req], full.subset(i)
+            try:
+                self._decode()
+            except Exception as exc:
+                self._failed(req, exc)
+                continue
+            if req.finish_reason is None:
+                kept.append(req)
+                caches.append(self._cache)
+        merged = PaddedKVCache([], self.device)
+        for cache in caches:
+            merged.extend(cache)
+        self._running, self._cache = kept, merged
+        return reqs
+
+    @staticmethod
+    def _failed(req: _Request, exc: Exception) -> list[_Request]:
+        log.warning("request %s failed in an engine step: %s: %s", req.request_id, type(exc).__name__, exc,
+                    exc_info=True)
+        req.fail(exc)
+        return [req]
 
     def _prefill(self, reqs: list[_Request]) -> list[_Request]:
         """Prefill prompts (one forward, right-padded), sample and emit each request's first token."""
@@ -616,6 +694,15 @@ class ISDEngine:
             self._cache.select(keep)
             self._running = [reqs[i] for i in keep]
         return reqs
+
+
+def _rng_states(reqs: list[_Request]) -> list[tuple[torch.Generator, torch.Tensor]]:
+    return [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None]
+
+
+def _set_rng_states(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+    for generator, state in states:
+        generator.set_state(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ request through ``loop.call_soon_threadsafe``. It sleeps on a condition variable
 
 The runner also keeps at most ``max_batch_size`` requests inside the engine; further ones wait (FIFO) in the
 runner. An exception from ``engine.step()`` fails the requests that were in that step and leaves the worker
-running; a ``ValueError`` from ``engine.add_request`` rejects that request only (a bad input).
+running; a ``ValueError`` from ``engine.add_request`` rejects that request only (a bad input), and an output with
+``finish_reason == "error"`` (the engine's per-request guard) fails that request only.
 """
 
 from __future__ import annotations
@@ -301,6 +302,11 @@ class EngineRunner:
         for out in outputs:
             req = self._active.get(out.request_id)
             if req is None:  # aborted meanwhile
+                continue
+            if out.finish_reason == "error":  # the engine's per-request guard ended this request alone
+                del self._active[out.request_id]
+                self.stats.failed += 1
+                self._deliver(req, EngineFailure(f"the engine failed on this request: {out.error}"))
                 continue
             if out.finished:  # book-keeping first: the caller may look at the runner as soon as it has the output
                 del self._active[out.request_id]

@@ -6,7 +6,8 @@ the same engine steps by an ``EngineRunner`` (inference/runner.py) that owns the
 
 Besides the OpenAI fields the server reads ``top_k`` and ``ignore_eos``, and adds to each response an ``idlm``
 object: ``tpf`` (tokens per forward), ``forwards`` and ``acceptance`` (the engine's per-position acceptance).
-Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``; request bodies are read and checked
+by inference/server_schema.py (size limit, safe JSON, field rules), so bad input gets a 4xx naming the field.
 """
 
 from __future__ import annotations
@@ -25,121 +26,34 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from idlm.errors import UserError
+from idlm.requests import check_seed, check_temperature, check_top_k, check_top_p, show
 
 from .runner import EngineFailure, EngineRunner, RequestRejected, RequestStream
+from .server_schema import (
+    CHAT_ROLES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    APIError,
+    ChatCompletionRequest,
+    CommonRequest,
+    CompletionRequest,
+    checked,
+    error_body,
+    read_body,
+    stop_strings,
+    validation_message,
+)
+from .server_schema import bad as _bad
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP_STRINGS = 16
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-
-
-# ---------------------------------------------------------------------------------------------- errors
-class APIError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _loc(parts: tuple | list) -> str:
-    """('messages', 0, 'role') -> 'messages[0].role'."""
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _validation_message(err: dict) -> tuple[str, str | None]:
-    loc = [p for p in err.get("loc", ()) if p != "body"] if err.get("loc") else []
-    param = _loc(loc) or None
-    etype = err.get("type", "")
-    if etype == "json_invalid":
-        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    if etype == "missing":
-        return f"'{param}' is required", param
-    msg = err.get("msg", "invalid value")
-    got = err.get("input")
-    shown = json.dumps(got) if isinstance(got, str | int | float | bool) or got is None else type(got).__name__
-    return (f"'{param}': {msg} (got {shown})" if param else f"{msg} (got {shown})"), param
-
-
-# ---------------------------------------------------------------------------------------------- request bodies
-class _CommonRequest(BaseModel):
-    """Fields shared by chat and text completions. Strict types: a string is not a number."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension; -1 or 0 = off
-    seed: int | None = None
-    stop: Any = None  # string or list of strings, checked by hand for a clearer message
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = 1
-    ignore_eos: bool = False  # extension (as in vLLM)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logprobs: Any = None
-    user: str | None = None
-
-
-class ChatCompletionRequest(_CommonRequest):
-    messages: list[Any]
-    tools: Any = None
-    top_logprobs: int | None = None
-
-
-class CompletionRequest(_CommonRequest):
-    prompt: Any
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-async def _read_body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    if not raw.strip():
-        raise _bad("the request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise _bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        message, param = _validation_message(exc.errors()[0])
-        raise _bad(message, param=param) from None
 
 
 # ---------------------------------------------------------------------------------------------- text tracking
@@ -215,7 +129,8 @@ class _Server:
             if role is None:
                 raise _bad(f"'{where}.role' is required", param=f"{where}.role")
             if not isinstance(role, str) or role not in CHAT_ROLES:
-                raise _bad(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got {json.dumps(role)}",
+                got = show(role) if isinstance(role, str) else f"a JSON {type(role).__name__}"
+                raise _bad(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got {got}",
                            param=f"{where}.role")
             content = m.get("content")
             if content is None:
@@ -253,7 +168,7 @@ class _Server:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             for i, t in enumerate(prompt):
                 if not 0 <= t < self.vocab_size:
-                    raise _bad(f"'prompt[{i}]': token id {t} is outside the vocabulary (0..{self.vocab_size - 1})",
+                    raise _bad(f"'prompt[{i}]': token id {show(t)} is outside the vocabulary (0..{self.vocab_size - 1})",
                                param=f"prompt[{i}]")
             return list(prompt)
         if isinstance(prompt, list) and not prompt:
@@ -264,14 +179,14 @@ class _Server:
         raise _bad("'prompt' must be a string or a list of token ids", param="prompt")
 
     # ------------------------------------------------------------------ sampling
-    def sampling(self, req: _CommonRequest, prompt_len: int, prompt_param: str, default_max: int | None):
+    def sampling(self, req: CommonRequest, prompt_len: int, prompt_param: str, default_max: int | None):
         from .engine import SamplingParams
 
         if req.n != 1:
-            raise _bad(f"'n' must be 1 (one completion per request is supported), got {req.n}", param="n")
+            raise _bad(f"'n' must be 1 (one completion per request is supported), got {show(req.n)}", param="n")
         best_of = getattr(req, "best_of", None)
         if best_of not in (None, 1):
-            raise _bad(f"'best_of' must be 1, got {best_of}", param="best_of")
+            raise _bad(f"'best_of' must be 1, got {show(best_of)}", param="best_of")
         if req.logprobs not in (None, False, 0):
             raise _bad("'logprobs' is not supported by this server", param="logprobs")
         if getattr(req, "echo", False):
@@ -296,29 +211,26 @@ class _Server:
         if max_tokens is None:
             max_tokens = room if default_max is None else min(default_max, room)
         elif max_tokens < 1:
-            raise _bad(f"'{field}' must be at least 1, got {max_tokens}", param=field)
+            raise _bad(f"'{field}' must be at least 1, got {show(max_tokens)}", param=field)
         elif max_tokens > room:
             reserved = f", {slack} of them reserved for the ISD step rows" if slack else ""
-            raise _bad(f"'{field}' is {max_tokens}, but with the prompt's {prompt_len} tokens only {room} new tokens "
+            raise _bad(f"'{field}' is {show(max_tokens)}, but with the prompt's {prompt_len} tokens only {room} new tokens "
                        f"fit in the model's context ({ctx} positions{reserved})", param=field,
                        code="context_length_exceeded")
-        temperature = _pick(req.temperature, self.defaults["temperature"], 1.0)
-        if temperature < 0:
-            raise _bad(f"'temperature' must be >= 0, got {temperature}", param="temperature")
-        top_p = _pick(req.top_p, self.defaults["top_p"], 1.0)
-        if not 0 < top_p <= 1:
-            raise _bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-        top_k = _pick(req.top_k, self.defaults["top_k"], 0)
-        if top_k < -1:
-            raise _bad(f"'top_k' must be >= 0 (0 or -1 = off), got {top_k}", param="top_k")
-        stop = _stop_strings(req.stop)
+        # the shared sampling rules (idlm.requests), with the model's generation_config as defaults
+        temperature = checked(check_temperature, _pick(req.temperature, self.defaults["temperature"], 1.0),
+                              "temperature")
+        top_p = checked(check_top_p, _pick(req.top_p, self.defaults["top_p"], 1.0), "top_p")
+        top_k = checked(check_top_k, _pick(req.top_k, self.defaults["top_k"], 0), "top_k", minus_one_is_off=True)
+        seed = checked(check_seed, req.seed, "seed")
+        stop = stop_strings(req.stop)
         params = SamplingParams(
             max_new_tokens=int(max_tokens),
-            temperature=float(temperature),
-            top_k=max(int(top_k), 0),
-            top_p=float(top_p),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
             stop_token_ids=() if req.ignore_eos else self.eos_ids,
-            seed=req.seed,
+            seed=seed,
         )
         return params, stop
 
@@ -359,7 +271,7 @@ class _Server:
                 reason = fin
         return "".join(text), reason, last
 
-    async def respond(self, request: Request, req: _CommonRequest, prompt_ids: list[int], params: Any,
+    async def respond(self, request: Request, req: CommonRequest, prompt_ids: list[int], params: Any,
                       stop: list[str], chat: bool) -> Any:
         """Run one validated request: an SSE stream or one OpenAI response object.
 
@@ -490,19 +402,6 @@ def _pick(value, default, fallback):
     return default if default is not None else fallback
 
 
-def _stop_strings(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    items = [stop] if isinstance(stop, str) else stop
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _bad("'stop' must be a string or a list of strings", param="stop")
-    if len(items) > MAX_STOP_STRINGS:
-        raise _bad(f"'stop' has {len(items)} strings; at most {MAX_STOP_STRINGS} are supported", param="stop")
-    if any(not s for s in items):
-        raise _bad("'stop' strings must not be empty", param="stop")
-    return list(items)
-
-
 def _eos_ids(tokenizer, model) -> tuple[int, ...]:
     """Stop token ids: the tokenizer's eos, and the model's generation config and config eos ids."""
     ids: list[int] = []
@@ -524,8 +423,10 @@ SSE_DONE = "data: [DONE]\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app over a started ``runner``; ``on_ready`` runs once the server starts up."""
+def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], None] | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The FastAPI app over a started ``runner``; ``on_ready`` runs once the server starts up. A request body over
+    ``max_request_bytes`` is refused with 413."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -545,7 +446,7 @@ def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], Non
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
         return _error_response(_bad(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -578,14 +479,14 @@ def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await _read_body(request, ChatCompletionRequest)
+        req = await read_body(request, ChatCompletionRequest, max_request_bytes)
         prompt_ids = srv.chat_prompt(req.messages)
         params, stop = srv.sampling(req, len(prompt_ids), "messages", None)
         return await srv.respond(request, req, prompt_ids, params, stop, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await _read_body(request, CompletionRequest)
+        req = await read_body(request, CompletionRequest, max_request_bytes)
         prompt_ids = srv.completion_prompt(req.prompt)
         params, stop = srv.sampling(req, len(prompt_ids), "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await srv.respond(request, req, prompt_ids, params, stop, chat=False)
@@ -631,6 +532,7 @@ def serve(
     served_model_name: str | None = None,
     dtype: str = "auto",
     log_level: str = "warning",
+    max_request_bytes: int | None = None,
 ) -> None:
     """Load the checkpoint into the reference ISD engine and serve it until interrupted."""
     import uvicorn
@@ -641,6 +543,9 @@ def serve(
         raise UserError(f"--max-batch-size must be >= 1, got {max_batch_size}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")
+    max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes
+    if max_request_bytes < 1:
+        raise UserError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     sock = bind_socket(host, port)  # fail on a taken port before the (slow) model load
     runner = None
     try:
@@ -653,7 +558,7 @@ def serve(
         def ready() -> None:
             print(f"idlm serve: {name} ready at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
 
-        app = create_app(runner, name, on_ready=ready)
+        app = create_app(runner, name, on_ready=ready, max_request_bytes=max_request_bytes)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
