@@ -1,10 +1,10 @@
-"""ISD under SGLang, the CPU-testable parts: the slot-indexed step bookkeeping against greedy AR, the YAML and
-server-argument handling, the launch command, and a pin on the SGLang internals the integration relies on (skipped
-when sglang is not installed; the GPU tests in tests/gpu/test_sglang_isd_gpu.py run the real server)."""
+"""ISD under SGLang, the parts that need no SGLang: the slot-indexed step bookkeeping against greedy AR, the YAML and
+server-argument handling and the launch command. The worker is tested in tests/test_sglang_worker.py, the patches,
+the registration and the pins on SGLang's source in tests/test_sglang_compat.py; the GPU tests in
+tests/gpu/test_sglang_isd_gpu.py run the real server."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from idlm.cli import main
+from idlm.config import step_rows
 from idlm.errors import UserError
 from idlm.inference.sglang_isd.config import (
     ENV_CONFIG,
     ISDServeConfig,
     build_launch_command,
     load_isd_yaml,
+    local_idlm_config,
+    mask_token_id_of,
     translate_dllm_args,
     validate_server_args,
 )
@@ -126,6 +129,43 @@ def test_state_is_per_slot_and_reset_on_prefill(model):
 
 
 # ---------------------------------------------------------------------------------------------------------- config
+def test_stride_and_step_rows_are_one_rule():
+    """SGLang's --speculative-num-draft-tokens is idlm.config.step_rows(N) and maps back to N; the stride check is
+    idlm.config's (its bounds, its message)."""
+    for n in (2, 3, 4, 8):
+        cfg = ISDServeConfig(stride=n)
+        assert cfg.num_draft_tokens == step_rows(n) == 2 * n - 1
+        assert ISDServeConfig.stride_from_num_draft_tokens(cfg.num_draft_tokens) == n
+    for bad in (1, 0, True, 2.0, "4"):
+        with pytest.raises(UserError, match="stride must be an integer >= 2"):
+            ISDServeConfig(stride=bad)
+    with pytest.raises(UserError, match="odd"):
+        ISDServeConfig.stride_from_num_draft_tokens(6)
+    with pytest.raises(UserError, match="means ISD stride 1: stride must be"):
+        ISDServeConfig.stride_from_num_draft_tokens(1)
+
+
+def test_checkpoint_idlm_block_is_read_by_idlm_config(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"idlm": {"mask_token_id": 5, "stride": 3}}))
+    cfg = local_idlm_config(str(ckpt))
+    assert (cfg.mask_token_id, cfg.stride) == (5, 3)
+    assert mask_token_id_of(SimpleNamespace(), str(ckpt)) == 5  # SGLang's hf_config without the block: the file
+    assert mask_token_id_of(SimpleNamespace(idlm={"mask_token_id": 9, "stride": 2})) == 9  # the served config's
+    assert local_idlm_config("Qwen/Qwen3-8B") is None and local_idlm_config(None) is None  # hub ids: no access
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    assert local_idlm_config(str(ckpt)) is None
+    with pytest.raises(UserError, match="not an I-DLM checkpoint"):
+        mask_token_id_of(SimpleNamespace(), str(ckpt))
+    (ckpt / "config.json").write_text(json.dumps({"idlm": {"mask_token_id": 5, "stride": 3, "typo": 1}}))
+    with pytest.raises(UserError, match="unknown keys in the idlm config block"):
+        local_idlm_config(str(ckpt))
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        local_idlm_config(str(ckpt))
+
+
 def test_yaml_configs_load():
     for n in (2, 3, 4):
         cfg = load_isd_yaml(ROOT / f"configs/inference/idlm_blockN{n}.yaml")
@@ -251,67 +291,3 @@ def test_entry_point_declared():
     assert '[project.entry-points."sglang.srt.plugins"]' in text
     assert 'idlm_isd = "idlm.inference.sglang_isd.plugin:register"' in text
     assert '"sglang==0.5.15"' in text
-
-
-# ---------------------------------------------------------------------------------------------------------- pin
-def _sglang_file(rel: str) -> str:
-    spec = importlib.util.find_spec("sglang")
-    return (Path(spec.submodule_search_locations[0]) / rel).read_text()
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed (serve extra)")
-def test_sglang_internals_pinned():
-    """Fails when SGLang moves away from the internals the ISD worker and compat patch were written against."""
-    from importlib.metadata import version
-
-    from idlm.inference.sglang_isd.config import SGLANG_VERSION
-
-    assert version("sglang") == SGLANG_VERSION, "re-read SGLang's spec-V2 worker interface before moving the pin"
-    server_args = _sglang_file("srt/server_args.py")
-    assert "def __post_init__(self):" in server_args  # compat.HOOK_TARGET
-    assert "disable_prefill_cuda_graph:" in server_args  # config.validate_server_args (R-ISD)
-    assert 'DISABLED = "disabled"' in _sglang_file("srt/model_executor/cuda_graph_config.py")
-    for field in ("dllm_algorithm:", "dllm_algorithm_config:", "speculative_algorithm:",
-                  "speculative_num_draft_tokens:"):
-        assert field in server_args, field
-    assert "self._handle_dllm_inference()" in server_args
-    assert "HookType.BEFORE" in _sglang_file("srt/plugins/hook_registry.py") or "BEFORE" in _sglang_file(
-        "srt/plugins/hook_registry.py")
-    spec_info = _sglang_file("srt/speculative/spec_info.py")
-    assert "def register(" in spec_info and "NGRAM_VERIFY" in spec_info
-    utils = _sglang_file("srt/managers/utils.py")
-    for field in ("accept_lens:", "new_seq_lens:", "next_draft_input:", "speculative_num_draft_tokens:"):
-        assert field in utils, field
-    tp = _sglang_file("srt/managers/tp_worker.py")
-    assert "is_verify: bool = False" in tp and "if is_verify:" in tp
-    processor = _sglang_file("srt/managers/scheduler_components/batch_result_processor.py")
-    assert "next_token_ids[i * stride : i * stride + accept_lens[i]]" in processor  # our output layout
-    scheduler = _sglang_file("srt/managers/scheduler.py")
-    assert "batch.seq_lens = batch_result.new_seq_lens" in scheduler  # the KV frontier (trim) contract
-    cache_locs = _sglang_file("srt/speculative/triton_ops/cache_locs.py")
-    assert "def assign_extend_cache_locs_func(" in cache_locs
-    triton = _sglang_file("srt/layers/attention/triton_backend.py")
-    assert 'getattr(spec_info, "custom_mask", None) is not None' in triton  # no mask -> causal verify
-    logits = _sglang_file("srt/layers/logits_processor.py")
-    assert "is_target_verify()" in logits  # all-row logits in TARGET_VERIFY
-    # worker._NoDraftModel: the scheduler reads the draft KV pool through this chain for every non-NGRAM algorithm
-    assert "draft_worker.draft_worker.draft_runner" in _sglang_file("srt/mem_cache/kv_cache_builder.py")
-    # plugin.ISDSpecAlgo adds the methods the scheduler calls that CustomSpecAlgo lacks; re-check when it gains them
-    registry = _sglang_file("srt/speculative/spec_registry.py")
-    for method in ("carries_draft_hidden_states", "need_topk", "create_future_map"):
-        assert f"def {method}(" in spec_info and f"def {method}(" not in registry, method
-    # tuning.use_splitkv_verify: the backend flag and the kernel it gates
-    assert "self.use_verify_splitkv" in triton and "self.verify_splitkv_fwd(" in triton
-    assert "def can_handle(" in _sglang_file("srt/layers/attention/triton_ops/verify_splitkv.py")
-    # overlap scheduling (worker.ISDVerifyInput): the relay reads these attributes of next_draft_input, the scheduler
-    # sets future_indices and gathers the published frontier back into the next batch's seq_lens on the GPU
-    overlap = _sglang_file("srt/managers/overlap_utils.py")
-    for attr in ("draft_input.bonus_tokens", "draft_input.topk_p", "draft_input.topk_index",
-                 "draft_input.hidden_states"):
-        assert attr in overlap, attr
-    assert "batch.seq_lens = self.new_seq_lens_buf[fi]" in overlap
-    assert "batch.spec_info.future_indices = future_indices" in scheduler
-    assert "partial(\n" in scheduler and "self.future_map.publish, future_indices" in scheduler
-    assert "def record_stream_for_v2_verify(batch, verify_input, fwd_stream)" in _sglang_file(
-        "srt/speculative/spec_utils.py")
-    assert "has_been_filtered=False" in _sglang_file("srt/managers/schedule_batch.py")

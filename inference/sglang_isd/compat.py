@@ -1,17 +1,24 @@
-"""The only patch of SGLang internals: accept the paper's ``--dllm-algorithm IDLMBlockN`` spelling.
+"""Every patch of SGLang internals, in one file; each one is pinned to SGLang 0.5.15 by
+tests/test_sglang_compat.py::test_sglang_internals_pinned, which fails when the source it relies on moves.
 
-SGLang's dLLM registry is a pkgutil scan of its own package and the dLLM runtime cannot keep a verified prefix's KV
-(docs/serving.md), so ISD is not a dLLM algorithm here. To let the paper's command line work anyway, a BEFORE hook
-on ``ServerArgs.__post_init__`` (SGLang's own plugin hook registry) rewrites ``--dllm-algorithm IDLMBlockN
---dllm-algorithm-config Y`` into ``--speculative-algorithm ISD`` before SGLang resolves its arguments
-(`config.translate_dllm_args`). It relies on two internals: the name ``ServerArgs.__post_init__`` and the fields
-``dllm_algorithm`` / ``dllm_algorithm_config`` / ``speculative_*``. tests/test_sglang_isd.py pins them to the
-version below and fails when SGLang moves.
+1. `install_dllm_spelling`: the paper's ``--dllm-algorithm IDLMBlockN`` spelling. SGLang's dLLM registry is a
+   pkgutil scan of its own package and the dLLM runtime cannot keep a verified prefix's KV (docs/serving.md), so
+   ISD is not a dLLM algorithm here. A BEFORE hook on ``ServerArgs.__post_init__`` (SGLang's own plugin
+   `HookRegistry`) rewrites ``--dllm-algorithm IDLMBlockN --dllm-algorithm-config Y`` into ``--speculative-algorithm
+   ISD`` before SGLang resolves its arguments (`config.translate_dllm_args`). Relies on the name
+   ``ServerArgs.__post_init__`` and the fields in `PATCHED_FIELDS`.
+2. `select_verify_attention`: the triton attention backend's TARGET_VERIFY kernel. It sets the backend instance's
+   ``use_verify_splitkv`` flag and, for ``gqa``, replaces its ``verify_splitkv_fwd`` with `gqa_verify_fwd`, which
+   takes that function's arguments. Relies on those two attributes, the call that reads them and the signature.
+
+Nothing here imports SGLang at module level (the patches are tested on CPU with stand-ins and, where the SGLang
+source is at hand, with SGLang's own hook registry).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from .config import SGLANG_VERSION, translate_dllm_args
 
@@ -19,6 +26,9 @@ log = logging.getLogger(__name__)
 
 HOOK_TARGET = "sglang.srt.server_args.ServerArgs.__post_init__"
 PATCHED_FIELDS = ("dllm_algorithm", "dllm_algorithm_config", "speculative_algorithm", "speculative_num_draft_tokens")
+
+VERIFY_ATTENTION = ("gqa", "splitkv", "prefill")
+ENV_VERIFY_ATTENTION = "IDLM_ISD_VERIFY_ATTENTION"
 
 
 def check_sglang_version() -> None:
@@ -28,9 +38,10 @@ def check_sglang_version() -> None:
     installed = version("sglang")
     if installed != SGLANG_VERSION:
         log.warning("idlm ISD plugin was written for sglang==%s but %s is installed: the spec-worker interface and "
-                    "the --dllm-algorithm translation may not work", SGLANG_VERSION, installed)
+                    "the patches of inference/sglang_isd/compat.py may not work", SGLANG_VERSION, installed)
 
 
+# ------------------------------------------------------------------------------------------- 1. the paper's spelling
 def _before_post_init(self, *args, **kwargs):
     translate_dllm_args(self)
     return None  # keep the original arguments
@@ -40,3 +51,74 @@ def install_dllm_spelling() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(HOOK_TARGET, _before_post_init, HookType.BEFORE)
+
+
+# ---------------------------------------------------------------------------------------- 2. verify attention kernel
+def select_verify_attention(backend, choice: str | None = None) -> str:
+    """Choose the kernel of the triton backend's TARGET_VERIFY attention; returns the one in use.
+
+    SGLang's triton backend runs a verify step through its prefill kernel, which tiles queries by 128 rows per
+    (request, head) and walks the prefix serially: for ISD's 2N - 1 rows per request that is mostly padding.
+
+    * ``gqa`` (default): this package's `verify_attention.isd_verify_attention` (`gqa_verify_fwd`): flash-decode
+      over the prefix that packs the query heads of a KV head with the step rows into one tile, so the prefix KV is
+      read once per KV head, not once per query head. On an H100 with a Qwen3-8B shape it cut the ISD step from
+      17.83 to 14.40 ms at C = 32 and from 28.81 to 21.79 ms at C = 64 against ``splitkv``, with greedy outputs
+      unchanged (docs/results/serving_h100.md);
+    * ``splitkv``: SGLang 0.5.15's own ``verify_splitkv_fwd`` (flash-decode over the prefix, then the small causal
+      block of step rows, one program per query head), shipped for EAGLE's top-k = 1 chain and enabled upstream
+      only on AMD gfx95. Its precondition is ours exactly: pure causal attention over [prefix | step rows], the
+      same number of rows per request, no sinks / sliding window / logit cap (it checks those per call and falls
+      back otherwise). It cut the step by 26% (C = 32) and 30% (C = 64) against ``prefill``;
+    * ``prefill``: leave SGLang's default.
+
+    ``choice`` None reads ``IDLM_ISD_VERIFY_ATTENTION``. A backend without SGLang's split-KV hook (flashinfer, ...)
+    keeps its own verify path ("backend").
+    """
+    choice = choice or os.environ.get(ENV_VERIFY_ATTENTION, "gqa")
+    if choice not in VERIFY_ATTENTION:
+        raise ValueError(f"{ENV_VERIFY_ATTENTION} must be one of {', '.join(VERIFY_ATTENTION)}, got {choice!r}")
+    if choice == "prefill":
+        log.info("ISD: verify attention uses the backend's prefill kernel (%s=prefill)", ENV_VERIFY_ATTENTION)
+        return "prefill"
+    if not (hasattr(backend, "use_verify_splitkv") and callable(getattr(backend, "verify_splitkv_fwd", None))):
+        log.info("ISD: attention backend %s has no split-KV verify hook; verify uses its own path",
+                 type(backend).__name__)
+        return "backend"
+    if choice == "gqa":
+        backend.verify_splitkv_fwd = gqa_verify_fwd(backend.verify_splitkv_fwd)
+    backend.use_verify_splitkv = True
+    log.info("ISD: verify attention uses the %s kernel (triton backend)", choice)
+    return choice
+
+
+def gqa_verify_fwd(fallback):
+    """A stand-in for SGLang's ``verify_splitkv_fwd`` (same arguments, True when it ran) that runs
+    `verify_attention.isd_verify_attention` on ISD's shape and hands every other case to ``fallback``."""
+
+    def run(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
+            custom_mask, is_causal, mask_indptr, max_len_extend, k_scale=1.0, v_scale=1.0, sm_scale=None,
+            logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+            xai_temperature_len=-1, max_bs=None):
+        rows = int(max_len_extend)
+        batch = qo_indptr.shape[0] - 1
+        plain = (is_causal and sinks is None and (sliding_window_size is None or sliding_window_size <= 0)
+                 and not (logit_cap and logit_cap > 0) and not (xai_temperature_len and xai_temperature_len > 0)
+                 and float(k_scale) == 1.0 and float(v_scale) == 1.0 and q_extend.dim() == 3
+                 and q_extend.shape[0] == batch * rows and q_extend.shape[2] == k_buffer.shape[2]
+                 and v_extend.shape[2] == q_extend.shape[2] and q_extend.shape[1] % k_extend.shape[1] == 0)
+        if not plain:
+            return fallback(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr,
+                            kv_indices, custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale,
+                            sm_scale, logit_cap=logit_cap, skip_prefix_custom_mask=skip_prefix_custom_mask,
+                            sliding_window_size=sliding_window_size, sinks=sinks,
+                            window_kv_offsets=window_kv_offsets, xai_temperature_len=xai_temperature_len,
+                            max_bs=max_bs)
+        from .verify_attention import isd_verify_attention
+
+        scale = sm_scale if sm_scale is not None else q_extend.shape[2] ** -0.5
+        isd_verify_attention(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
+                             rows, scale)
+        return True
+
+    return run

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from idlm.config import IDLMConfig, check_stride, read_idlm_config, step_rows
 from idlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,26 @@ class ISDServeConfig:
     lora: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 2:
-            raise UserError(f"ISD stride must be an integer >= 2, got {self.stride!r}")
+        check_stride(self.stride)
         if self.draft_mode not in DRAFT_MODES:
             raise UserError(f"ISD draft_mode must be one of {', '.join(DRAFT_MODES)}, got {self.draft_mode!r}")
 
     @property
     def num_draft_tokens(self) -> int:
-        """Rows per request per decode forward: [pending, N - 1 drafts, N - 1 MASK] = 2N - 1."""
-        return 2 * self.stride - 1
+        """SGLang's ``--speculative-num-draft-tokens`` for ISD: the rows of one step (`idlm.config.step_rows`)."""
+        return step_rows(self.stride)
 
     @staticmethod
     def stride_from_num_draft_tokens(rows: int) -> int:
-        if rows < 3 or rows % 2 == 0:
-            raise UserError(f"ISD needs --speculative-num-draft-tokens = 2N - 1 (odd, >= 3), got {rows}")
-        return (rows + 1) // 2
+        """N from ``--speculative-num-draft-tokens`` (the inverse of `idlm.config.step_rows`)."""
+        if rows % 2 == 0:
+            raise UserError(f"ISD needs --speculative-num-draft-tokens = 2N - 1 (odd), got {rows}")
+        stride = (rows + 1) // 2
+        try:
+            check_stride(stride)
+        except UserError as exc:
+            raise UserError(f"--speculative-num-draft-tokens {rows} means ISD stride {stride}: {exc}") from None
+        return stride
 
     def to_env(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -117,8 +123,6 @@ def load_isd_yaml(path: str | Path) -> ISDServeConfig:
     if stride is None:
         raise UserError(f"{p}: set 'stride' (or the paper's 'gen_block_size')")
     block = data.pop("block_size", None)
-    if block is not None and block != 2 * stride - 1:
-        raise UserError(f"{p}: block_size must be 2N - 1 = {2 * stride - 1} for stride {stride}, got {block}")
     kwargs: dict[str, Any] = {}
     for key in ("draft_mode", "seed"):
         if key in data:
@@ -134,32 +138,37 @@ def load_isd_yaml(path: str | Path) -> ISDServeConfig:
         log.warning("%s: ignoring %s (sampling settings come from each request)", p, ", ".join(ignored))
     if data:
         raise UserError(f"{p}: unknown keys {', '.join(sorted(data))}")
-    return ISDServeConfig(stride=int(stride), **kwargs)
+    try:
+        cfg = ISDServeConfig(stride=stride, **kwargs)
+    except UserError as exc:
+        raise UserError(f"{p}: {exc}") from None
+    if block is not None and block != cfg.num_draft_tokens:
+        raise UserError(f"{p}: block_size must be 2N - 1 = {cfg.num_draft_tokens} for stride {cfg.stride}, got {block}")
+    return cfg
 
 
-def read_idlm_block(model_path: str | None) -> dict | None:
-    """The ``idlm`` block of a local checkpoint's config.json (None for hub ids or plain models)."""
+def local_idlm_config(model_path: str | None) -> IDLMConfig | None:
+    """The ``idlm`` block (`idlm.config.read_idlm_config`) of a local checkpoint's config.json; None for a hub id,
+    a directory without config.json or a plain AR model. Reads the JSON only: no hub access, no transformers."""
     if not model_path:
         return None
-    cfg = Path(model_path) / "config.json"
-    if not cfg.is_file():
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
         return None
     try:
-        block = json.loads(cfg.read_text()).get("idlm")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return block if isinstance(block, dict) else None
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return read_idlm_config(data) if isinstance(data, dict) else None
 
 
 def mask_token_id_of(hf_config: Any, model_path: str | None = None) -> int:
     """The MASK input id of an I-DLM checkpoint served by SGLang (its config's ``idlm`` block)."""
-    block = getattr(hf_config, "idlm", None)
-    if not isinstance(block, dict):
-        block = read_idlm_block(model_path)
-    if not isinstance(block, dict) or "mask_token_id" not in block:
-        raise UserError(f"{model_path or 'the model'} is not an I-DLM checkpoint (config.json has no 'idlm' block with "
-                        "mask_token_id); convert it with `idlm convert`")
-    return int(block["mask_token_id"])
+    cfg = read_idlm_config(hf_config) or local_idlm_config(model_path)
+    if cfg is None:
+        raise UserError(f"{model_path or 'the model'} is not an I-DLM checkpoint (config.json has no 'idlm' block); "
+                        "convert it with `idlm convert`")
+    return cfg.mask_token_id
 
 
 def translate_dllm_args(args: Any) -> bool:
@@ -195,14 +204,15 @@ def validate_server_args(args: Any) -> None:
     block), speculative_num_steps = speculative_eagle_topk = 1, mixed chunks off (overlap scheduling is left as set).
     """
     rows = getattr(args, "speculative_num_draft_tokens", None)
+    env_cfg = ISDServeConfig.from_env()
     if rows is None:
-        cfg = ISDServeConfig.from_env()
+        cfg = env_cfg
         if cfg is None:
-            block = read_idlm_block(getattr(args, "model_path", None))
-            if not block or "stride" not in block:
-                raise UserError("ISD: set --speculative-num-draft-tokens 2N-1 (e.g. 7 for N = 4), or serve an I-DLM "
-                                "checkpoint whose config.json idlm block has a stride")
-            cfg = ISDServeConfig(int(block["stride"]))
+            ckpt = local_idlm_config(getattr(args, "model_path", None))
+            if ckpt is None:
+                raise UserError("ISD: set --speculative-num-draft-tokens 2N-1 (e.g. 7 for N = 4), or serve a local "
+                                "I-DLM checkpoint (the idlm block of its config.json gives the stride)")
+            cfg = ISDServeConfig(ckpt.stride)
         args.speculative_num_draft_tokens = cfg.num_draft_tokens
     else:
         ISDServeConfig.stride_from_num_draft_tokens(int(rows))
@@ -211,7 +221,6 @@ def validate_server_args(args: Any) -> None:
     if getattr(args, "enable_lora", False) or getattr(args, "lora_paths", None):
         raise UserError("SGLang's own LoRA (--enable-lora / --lora-paths) puts an adapter on every row of a request; "
                         "for R-ISD give the gated adapter to ISD instead: `idlm serve --engine sglang --lora DIR`")
-    env_cfg = ISDServeConfig.from_env()
     if env_cfg is not None and env_cfg.lora:
         if getattr(args, "tp_size", 1) != 1:
             raise UserError("R-ISD under SGLang (gated LoRA) supports tensor parallel size 1 only")
@@ -266,14 +275,14 @@ def build_launch_command(
         meta = GatedLoRAConfig.load(lora)
         cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()))
     else:
-        block = read_idlm_block(model)
-        if stride is None:
-            if not block or "stride" not in block:
-                raise UserError(f"{model}: no stride in its idlm block; pass --stride N")
-            stride = int(block["stride"])
-        elif block is None and Path(model).is_dir():
+        ckpt = local_idlm_config(model)
+        if ckpt is None and Path(model).is_dir():
             raise UserError(f"{model} is not an I-DLM checkpoint (no 'idlm' block in config.json): convert it with "
                             "`idlm convert`")
+        if stride is None:
+            if ckpt is None:
+                raise UserError(f"{model} is not a local I-DLM checkpoint, so its stride is unknown: pass --stride N")
+            stride = ckpt.stride
         cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
     argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),

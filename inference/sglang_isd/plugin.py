@@ -17,7 +17,7 @@ _registered = False
 
 
 def _worker_factory(server_args):
-    from .worker import ISDWorker  # imports SGLang's GPU-side modules: only once a worker is built
+    from .spec_worker import ISDWorker  # imports SGLang's GPU-side modules: only once a worker is built
 
     return ISDWorker
 

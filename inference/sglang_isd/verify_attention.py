@@ -16,7 +16,7 @@ Two kernels, both CUDA-graph safe (grid and split count depend on shapes only):
 
 Inputs follow SGLang's ``extend_attention_fwd`` layout (q [T, H, D] with T = B * R, the step rows' k / v [T, H_kv,
 D], the paged KV buffers, qo_indptr / kv_indptr / kv_indices), so `isd_verify_attention` can stand in for it on
-ISD's shape (see `tuning.use_gqa_verify`). `reference_verify_attention` is the plain PyTorch definition the tests
+ISD's shape (see `compat.gqa_verify_fwd`). `reference_verify_attention` is the plain PyTorch definition the tests
 compare with.
 """
 

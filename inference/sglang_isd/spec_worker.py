@@ -30,7 +30,6 @@ bias, grammars, logprobs (the worker warns once when a batch asks for them).
 from __future__ import annotations
 
 import logging
-import os
 from types import SimpleNamespace
 
 import torch
@@ -44,9 +43,10 @@ from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_loc
 
 from idlm.sampling import BatchHints
 
+from .compat import select_verify_attention
 from .config import ISDServeConfig, mask_token_id_of
+from .profiler import StepProfiler
 from .stepper import ISDStateTable, SamplingView, is_greedy
-from .tuning import StepProfiler, select_verify_attention
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ class ISDWorker(BaseSpecWorker):
         self._warned: set[str] = set()
         self._no_draft = _NoDraftModel()
         self.verify_attention = "prefill"  # chosen in init_attention_backends
-        every = int(os.environ.get("IDLM_ISD_PROFILE", "0") or 0)
-        self.profiler = StepProfiler(every) if every > 0 else None
+        self.profiler = StepProfiler.from_env()
         log.info("ISD worker: stride %d (%d rows per request per step), mask id %d, draft mode %s",
                  stride, self.rows, self.mask_token_id, self.cfg.draft_mode)
 
@@ -171,7 +170,7 @@ class ISDWorker(BaseSpecWorker):
 
     def init_attention_backends(self) -> None:
         """Runs after the target's attention backend exists and before CUDA graphs are captured: choose the triton
-        backend's TARGET_VERIFY attention kernel (`tuning.select_verify_attention`)."""
+        backend's TARGET_VERIFY attention kernel (`compat.select_verify_attention`)."""
         self.verify_attention = select_verify_attention(self.model_runner.attn_backend)
 
     def update_weights_from_tensor(self, recv_req):
