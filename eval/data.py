@@ -98,15 +98,17 @@ def file_specs(bench: str) -> list[FileSpec]:
             for f in entry["files"]]
 
 
-def how_to_get(bench: str) -> str:
-    """One line: where to get a benchmark's data and where to put it (the manifest's ``get``)."""
+def how_to_get(bench: str, data_dir: str | os.PathLike | None = None) -> str:
+    """One line: where to get a benchmark's data and where to put it (the manifest's ``get``; DATA_DIR spelled out
+    when the data directory is known)."""
     entry = bench_entry(bench)
     if entry.get("get"):
-        return entry["get"]
-    if any(s.fetchable for s in file_specs(bench)):
-        return f"run `idlm data fetch {bench}`"
-    f = entry["files"][0]["name"]
-    return f"put {f} under DATA_DIR/{entry['folder']}/"
+        text = entry["get"]
+    elif any(s.fetchable for s in file_specs(bench)):
+        text = f"run `idlm data fetch {bench}`" + (f" --dir {data_dir}" if data_dir is not None else "")
+    else:
+        text = f"put {entry['files'][0]['name']} under DATA_DIR/{entry['folder']}/"
+    return text.replace("DATA_DIR", str(data_dir)) if data_dir is not None else text
 
 
 def row_error(source: str | os.PathLike, row: int, message: str) -> UserError:
@@ -171,7 +173,7 @@ def verify_file(spec: FileSpec, path: Path, data_dir: Path) -> None:
     got = sha256_file(path)
     if got != want:
         again = (f"fetch it again with `idlm data fetch {spec.bench} --force`" if spec.fetchable
-                 else f"replace it ({how_to_get(spec.bench)})")
+                 else f"replace it ({how_to_get(spec.bench, data_dir)})")
         raise UserError(f"{path}: sha256 {got[:16]}... does not match the manifest ({want[:16]}...); {again}, or "
                         "pass --no-verify-data to use it anyway")
 
@@ -272,14 +274,14 @@ def _offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "IDLM_OFFLINE"))
 
 
-def hub_rows(bench: str) -> list[dict]:
+def hub_rows(bench: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Rows of the benchmark's hub data set (network; `datasets` / `huggingface_hub`). UserError when impossible,
     saying where to get the file and where to put it."""
     entry = bench_entry(bench)
     hub = entry.get("hub")
-    folder = entry["folder"]
-    where = f"DATA_DIR/{folder}/{entry['files'][0]['name']}" if entry.get("files") else f"DATA_DIR/{folder}"
-    get = how_to_get(bench)
+    root = "DATA_DIR" if data_dir is None else str(data_dir)
+    where = f"{root}/{entry['folder']}/{entry['files'][0]['name']}"
+    get = how_to_get(bench, data_dir)
     if not hub:
         raise UserError(f"{bench}: no local data ({where}); {get}")
     if _offline():
@@ -419,7 +421,7 @@ def fetch(names: list[str] | None = None, data_dir: str | os.PathLike | None = N
                     continue
             if source_dir is None and not spec.fetchable:
                 results.append(FetchResult(bench, spec.name, dest, "missing",
-                                           message=f"no download source: {how_to_get(bench)}"))
+                                           message=f"no download source: {how_to_get(bench, data_dir)}"))
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkstemp(prefix=f".{spec.name}.", dir=dest.parent)[1])

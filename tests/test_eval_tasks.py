@@ -198,3 +198,13 @@ def test_suites_and_names():
     yaml_names, yaml_over = T.resolve_suite(str(ROOT / "configs/eval/paper15.yaml"))
     assert yaml_names == names
     assert yaml_over["aime24"]["samples"] == 16
+
+
+def test_a_repeated_option_is_right_under_either_letter():
+    # MMLU as released has a few items whose gold text appears twice (e.g. options A and B the same)
+    b = T.get_benchmark("mmlu")
+    it = T.Item("x", {"question": "q", "options": ["same", "same", "other", "more"], "gold": "A"})
+    assert b.score(it, None, "<think>x</think>The answer is (B)").score == 1.0
+    assert b.score(it, None, "<think>x</think>The answer is (A)").score == 1.0
+    assert b.score(it, None, "<think>x</think>The answer is (C)").score == 0.0
+    assert T.repeated_options(["a", "b ", "c", "b"]) == [("B", "D")]
