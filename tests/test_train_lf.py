@@ -111,7 +111,9 @@ def test_curriculum_zero2_two_ranks_then_kill_and_resume(assets, tmp_path):
     run_b.mkdir()
     shutil.copytree(run_a / "stage1-n2", run_b / "stage1-n2")
     args_b = [f"model_name_or_path={assets['idlm_base']}", f"output_dir={run_b}"]
-    proc = _train(args_b, tmp_path / "b.log", {"IDLM_TEST_HOLD_AT_STEP": "4"}, popen=True)
+    hold = {"IDLM_TEST_HOLD_AT_STEP": "4", "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "tests" / "fixtures" / "hold_at_step"), os.environ.get("PYTHONPATH", "")])}
+    proc = _train(args_b, tmp_path / "b.log", hold, popen=True)
     commit = run_b / "stage2-n3" / "checkpoint-4" / "idlm_commit.json"
     deadline = time.time() + 300
     while not commit.exists():

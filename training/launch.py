@@ -114,6 +114,8 @@ def _check_base(plan: Plan) -> None:
 def _check_installed(plan: Plan) -> None:
     import importlib.util
 
+    if all(st.settings.trainer == "native" for st in plan.stages):
+        return
     need = ["llamafactory"]
     if plan.launch.launcher == "deepspeed" or any(st.lf_args.get("deepspeed") for st in plan.stages):
         need.append("deepspeed")
@@ -123,14 +125,41 @@ def _check_installed(plan: Plan) -> None:
                         "pip install 'idlm[train]' (docs/training.md)")
 
 
-def run_recipe(recipe: str, overrides: list[str] | None = None, dry_run: bool = False, quiet: bool = False) -> int:
-    """Run (or, with ``dry_run``, print) the plan of ``recipe``; returns the process exit code."""
-    from idlm.training.datacheck import check_plan_data
+PHASES = ("prepare", "generate", "train", "evaluate")
 
+
+def run_recipe(recipe: str, overrides: list[str] | None = None, dry_run: bool = False, quiet: bool = False,
+               phases: tuple[str, ...] = PHASES) -> int:
+    """Run (or, with ``dry_run``, print) the plan of ``recipe``; returns the process exit code.
+
+    phases: which of the pipeline's phases to run (`idlm.training.pipeline`): prepare (the base section),
+    generate, train (the stages) and evaluate; each is skipped when its section is absent or its output exists."""
+    from idlm.training import pipeline
+
+    bad = sorted(set(phases) - set(PHASES))
+    if bad:
+        raise UserError(f"unknown phase(s) {', '.join(bad)}: choose from {', '.join(PHASES)}")
     plan = resolve_recipe(recipe, overrides)
     if dry_run:
         print(plan.to_json())
         return 0
+    lead = plan.launch.node_rank == 0
+    if lead and "prepare" in phases and "base" in plan.sections:
+        pipeline.run_prepare(plan.sections["base"])
+    if lead and "generate" in phases and "generate" in plan.sections:
+        pipeline.run_generate(plan.sections["generate"])
+    if "train" in phases:
+        rc = _run_stages(plan, quiet)
+        if rc != 0:
+            return rc
+    if lead and "evaluate" in phases and "evaluate" in plan.sections:
+        pipeline.run_evaluate(plan, plan.sections["evaluate"])
+    return 0
+
+
+def _run_stages(plan: Plan, quiet: bool) -> int:
+    from idlm.training.datacheck import check_plan_data
+
     _check_base(plan)
     lead = plan.launch.node_rank == 0
     if lead:

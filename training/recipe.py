@@ -24,6 +24,9 @@ from typing import Any
 import yaml
 
 from idlm.errors import UserError
+from idlm.training.curriculum import STAGE_DONE_FILE, is_stage_done, stage_dir_name
+
+__all__ = ["STAGE_DONE_FILE", "Plan", "Stage", "StageSettings", "resolve_recipe", "stage_done"]
 
 # Keys that belong to I-DLM (never passed to LlamaFactory's parser).
 IDLM_KEYS = {
@@ -47,7 +50,21 @@ IDLM_KEYS = {
     "master_addr",
     "master_port",
     "log_file",  # JSONL of loss components per logging step (default OUTPUT_DIR/train_log.jsonl)
+    "trainer",  # llamafactory (default) | native (idlm.training.native: one process, no LlamaFactory)
+    "teacher",  # distillation teacher (default: the first stage's model, i.e. the model before conversion)
+    "distill_kl",  # weight of KL(teacher || model) on the clean half
+    "distill_soft",  # share of the teacher's soft targets in the noisy half
+    "mask_token",  # gated_lora: the MASK input as a token string of the base tokenizer (instead of mask_token_id)
+    "work_dir",  # where the pipeline's shared products go (base, converted, generated data); default output_dir
+    "base",  # pipeline: the AR model to convert (section; idlm.training.pipeline)
+    "generate",  # pipeline: the base model's sampled responses as training data (section)
+    "adapter",  # pipeline: a gated-LoRA stage on the base after the curriculum (section)
+    "evaluate",  # pipeline: the evaluation hooks after training (section)
 }
+
+# Recipe sections (mappings) of the pipeline, run by idlm.training.pipeline around the stages.
+SECTIONS = ("base", "generate", "adapter", "evaluate")
+TRAINERS = ("llamafactory", "native")
 
 # Short spellings accepted in recipes -> LlamaFactory / HF names.
 ALIASES = {
@@ -74,7 +91,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 DATA_INFO_NAME = "idlm_train_file"
-STAGE_DONE_FILE = "idlm_stage.json"
 PLAN_FILE = "idlm_plan.json"
 
 
@@ -93,6 +109,11 @@ class StageSettings:
     output_dir: str
     peak_tflops: float | None
     compile_layers: bool = False
+    trainer: str = "llamafactory"
+    distill_kl: float = 0.0
+    distill_soft: float = 0.0
+    teacher: str | None = None  # path (or hub id) of the frozen teacher when distill_kl / distill_soft > 0
+    mask_token: str | None = None  # gated_lora: MASK given as a token string
 
 
 @dataclass
@@ -121,6 +142,8 @@ class Plan:
     launch: Launch
     data_checks: list[dict[str, Any]] = field(default_factory=list)  # files to validate (see datacheck)
     pretokenized: dict[str, Any] | None = None  # {"file": ..., "path": ...} to build before launching
+    work_dir: str = ""  # shared products of the pipeline (base, converted, generated data)
+    sections: dict[str, Any] = field(default_factory=dict)  # base / generate / evaluate, paths made absolute
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -168,7 +191,14 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
         key = key.strip()
         value = _parse_value(raw)
         parts = key.split(".")
-        if parts[0] == "stages" and len(parts) == 3:
+        if parts[0] in SECTIONS and len(parts) == 2:
+            section = out.get(parts[0])
+            if section is None:
+                section = out[parts[0]] = {}
+            if not isinstance(section, dict):
+                raise UserError(f"override {item!r}: {parts[0]!r} is not a section (mapping) in the recipe")
+            section[parts[1]] = value
+        elif parts[0] == "stages" and len(parts) == 3:
             stages = out.get("stages")
             try:
                 idx = int(parts[1])
@@ -179,7 +209,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
         elif len(parts) == 1:
             out[key] = value
         else:
-            raise UserError(f"override {item!r}: use key=value or stages.I.key=value")
+            raise UserError(f"override {item!r}: use key=value, SECTION.key=value or stages.I.key=value")
     return out
 
 
@@ -286,10 +316,13 @@ def _data_hash(*parts: Any) -> str:
 
 def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan:
     """Read, merge and check a recipe; returns the `Plan` (nothing is started, nothing is written)."""
+    from idlm.training.pipeline import resolve_sections
+
     recipe_path = Path(path).resolve()
     raw = apply_overrides(load_recipe(path), list(overrides or []))
     where = str(path)
     stages_raw = raw.pop("stages", None)
+    sections_raw = {k: raw.pop(k) for k in SECTIONS if k in raw}
     top = _canonical(raw, where)
     hostfile = top.pop("hostfile", None)
     if hostfile:
@@ -305,53 +338,74 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
         raise UserError(f"{where}: 'stages' must be a non-empty list of mappings, e.g. [{{stride: 2}}, {{stride: 3}}]")
     recipe_dir = recipe_path.parent
     output_dir = resolve_path(str(top["output_dir"]), recipe_dir, must_exist=False)
+    work_dir = resolve_path(str(top.pop("work_dir", None) or output_dir), recipe_dir, must_exist=False)
     log_file = top.get("log_file") or os.path.join(output_dir, "train_log.jsonl")
+    sections, top = resolve_sections(sections_raw, top, recipe_dir, work_dir, where)
+    adapter = sections.pop("adapter", None)
 
     stages: list[Stage] = []
     data_checks: list[dict[str, Any]] = []
     pretokenized = None
     prev_dir: str | None = None
+    first_model: str | None = None
     uses_ds = False
-    for i, override in enumerate(stages_raw, start=1):
-        merged = {**top, **_canonical(override, f"{where} stage {i}")}
+    specs = [(o, False) for o in stages_raw] + ([(adapter, True)] if adapter is not None else [])
+    for i, (override, is_adapter) in enumerate(specs, start=1):
         if "stages" in override:
             raise UserError(f"{where} stage {i}: stages cannot be nested")
+        merged = {**top, **_canonical(override, f"{where} stage {i}")}
+        if is_adapter:
+            merged["finetuning"] = "gated_lora"
+            for k in ("alpha", "distill_kl", "distill_soft", "auto_balance", "teacher", "model_name_or_path"):
+                if k not in override:  # the curriculum's loss settings and base do not carry over to the adapter
+                    merged.pop(k, None)
         settings, lf = _split_stage(merged, i, where)
-        stage_dir = os.path.join(output_dir, f"stage{i}-n{settings.stride}")
-        settings.output_dir = stage_dir
-        # model: the recipe's base for stage 1, the previous stage's result afterwards
-        if prev_dir is None:
-            model = lf.get("model_name_or_path")
+        settings.output_dir = os.path.join(output_dir, stage_dir_name(i, settings.stride, settings.finetuning))
+        # model: the recipe's base for stage 1 (and for an adapter stage), the previous stage's result afterwards
+        if prev_dir is None or is_adapter:
+            model = override.get("model_name_or_path") if is_adapter else lf.get("model_name_or_path")
+            if is_adapter and not model:
+                model = sections.get("base", {}).get("hf_dir")
             if not model:
-                raise UserError(f"{where}: 'model_name_or_path' is required")
+                raise UserError(f"{where}: 'model_name_or_path' (or a 'base' section) is required"
+                                + (" for the adapter" if is_adapter else ""))
             local = resolve_path(str(model), recipe_dir)
             if local:
                 lf["model_name_or_path"] = local
+            elif sections.get("base") and str(model).startswith(work_dir):
+                lf["model_name_or_path"] = str(model)  # written by the pipeline's prepare phase
             elif not _looks_like_hub_id(str(model)):
                 raise UserError(f"model not found: {model!r} is neither a directory nor a hub id (owner/name)")
+            else:
+                lf["model_name_or_path"] = str(model)
         else:
             if "model_name_or_path" in override:
                 raise UserError(f"{where} stage {i}: a later stage starts from the previous stage's weights; "
                                 "'model_name_or_path' may only be set for the first stage")
             lf["model_name_or_path"] = prev_dir
-        lf["output_dir"] = stage_dir
-        lf.setdefault("run_name", f"{Path(output_dir).name}-stage{i}-n{settings.stride}")
+        if first_model is None:
+            first_model = lf["model_name_or_path"]
+        if settings.distill_kl > 0 or settings.distill_soft > 0:
+            teacher = merged.get("teacher")
+            settings.teacher = (resolve_path(str(teacher), recipe_dir) or str(teacher)) if teacher else first_model
+        lf["output_dir"] = settings.output_dir
+        lf.setdefault("run_name", f"{Path(output_dir).name}-{Path(settings.output_dir).name}")
         if lf.get("deepspeed"):
             ds = resolve_path(str(lf["deepspeed"]), recipe_dir)
             if not ds:
                 raise UserError(f"DeepSpeed config not found: {lf['deepspeed']}")
             lf["deepspeed"] = ds
-            uses_ds = True
-        checks, pre = _resolve_data(lf, merged, recipe_dir, output_dir, where, i)
+            uses_ds = uses_ds or settings.trainer == "llamafactory"
+        checks, pre = _resolve_data(lf, merged, recipe_dir, output_dir, where, i, generated=sections.get("generate"))
         for c in checks:
             if c not in data_checks:
                 data_checks.append(c)
         if pre is not None:
             pretokenized = pre
         if settings.finetuning == "gated_lora":
-            if len(stages_raw) > 1:
+            if not is_adapter and len(stages_raw) > 1:
                 raise UserError(f"{where}: gated-LoRA training runs one stage (the adapter's stride); "
-                                "remove 'stages' or keep one")
+                                "remove 'stages' or keep one, or use an 'adapter' section after the curriculum")
             lf["finetuning_type"] = "lora"
             lf.setdefault("lora_rank", 128)
             lf.setdefault("lora_target", "all")
@@ -362,9 +416,11 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
                                 "'finetuning: full' (default) or 'finetuning: gated_lora'")
             lf["finetuning_type"] = "full"
         stages.append(Stage(settings, lf))
-        prev_dir = stage_dir
+        if not is_adapter:
+            prev_dir = settings.output_dir
     launch = resolve_launch(top, uses_ds)
-    return Plan(str(recipe_path), output_dir, str(log_file), stages, launch, data_checks, pretokenized)
+    return Plan(str(recipe_path), output_dir, str(log_file), stages, launch, data_checks, pretokenized,
+                work_dir=work_dir, sections=sections)
 
 
 def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageSettings, dict[str, Any]]:
@@ -391,6 +447,18 @@ def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageS
         raise UserError(f"{where} stage {index}: {exc}") from exc
     if finetuning == "gated_lora" and (obj.alpha != 0 or obj.auto_balance):
         raise UserError(f"{where}: gated-LoRA training uses the noisy-half loss only (alpha 0, no auto_balance)")
+    trainer = str(merged.get("trainer", "llamafactory"))
+    if trainer not in TRAINERS:
+        raise UserError(f"{where}: trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
+    try:
+        kl, soft = float(merged.get("distill_kl", 0.0)), float(merged.get("distill_soft", 0.0))
+        ObjectiveConfig(alpha=obj.alpha, auto_balance=obj.auto_balance, distill_kl=kl, distill_soft=soft)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where} stage {index}: distill_kl and distill_soft must be numbers") from exc
+    except UserError as exc:
+        raise UserError(f"{where} stage {index}: {exc}") from exc
+    if finetuning == "gated_lora" and (kl or soft):
+        raise UserError(f"{where}: distillation is not supported for gated-LoRA training")
     for key in ("packing", "neat_packing"):
         if merged.get(key):
             raise UserError(f"{where}: '{key}' is not supported: the [x_t | x_0] objective needs one conversation "
@@ -418,13 +486,26 @@ def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageS
         output_dir="",
         peak_tflops=float(peak) if peak is not None else None,
         compile_layers=compile_layers,
+        trainer=trainer,
+        distill_kl=kl,
+        distill_soft=soft,
+        mask_token=str(merged["mask_token"]) if merged.get("mask_token") is not None else None,
     )
     return settings, lf
 
 
 def _resolve_data(lf: dict[str, Any], merged: dict[str, Any], recipe_dir: Path, output_dir: str, where: str,
-                  index: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Point LlamaFactory at the stage's data; returns (files to validate, pretokenized build or None)."""
+                  index: int, generated: dict[str, Any] | None = None
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Point LlamaFactory at the stage's data; returns (files to validate, pretokenized build or None).
+    With a ``generate`` section and no data key, the stage trains on the generated file (checked after it is
+    written)."""
+    if generated is not None and not any(merged.get(k) for k in ("dataset", "train_file", "pretokenized_file",
+                                                                  "tokenized_path")):
+        lf["dataset"] = DATA_INFO_NAME
+        lf["dataset_dir"] = os.path.join(output_dir, "data")
+        return ([{"kind": "train_file", "file": generated["output"], "dataset_dir": lf["dataset_dir"],
+                  "validate": bool(merged.get("validate_data", True))}], None)
     train_file = merged.get("train_file")
     pre_file = merged.get("pretokenized_file")
     given = [k for k in ("dataset", "train_file", "pretokenized_file", "tokenized_path") if merged.get(k)]
@@ -465,4 +546,4 @@ def _resolve_data(lf: dict[str, Any], merged: dict[str, Any], recipe_dir: Path, 
 
 
 def stage_done(stage: Stage) -> bool:
-    return (Path(stage.settings.output_dir) / STAGE_DONE_FILE).is_file()
+    return is_stage_done(stage.settings.output_dir)

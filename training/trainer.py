@@ -24,7 +24,6 @@ How the pieces fit (transformers 5.6 / LlamaFactory 0.9.5, pinned):
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from transformers.utils import ModelOutput
 
 from idlm.config import IDLMConfig
 from idlm.losses import IGNORE_INDEX
-from idlm.objective import global_target_counts, idlm_loss
+from idlm.objective import Teacher, global_target_counts, idlm_loss
 from idlm.training.ckpt import COMMIT_FILE
 from idlm.training.flops import ModelShape, StepWork, mfu, objective_work
 
@@ -62,11 +61,14 @@ class IDLMOutput(ModelOutput):
     weight: torch.Tensor | None = None
     sum_noisy: torch.Tensor | None = None
     sum_clean: torch.Tensor | None = None
+    sum_kl_noisy: torch.Tensor | None = None
+    sum_kl_clean: torch.Tensor | None = None
 
 
-def install_objective_forward(model: torch.nn.Module, cfg: IDLMConfig) -> None:
+def install_objective_forward(model: torch.nn.Module, cfg: IDLMConfig, teacher: Teacher | None = None) -> None:
     """Make ``model(input_ids=, labels=, attention_mask=, idlm_num_noisy=, idlm_num_clean=, idlm_weight=)`` compute
-    the objective (an `IDLMOutput`); any call without ``idlm_num_noisy`` runs the model's own forward."""
+    the objective (an `IDLMOutput`); any call without ``idlm_num_noisy`` runs the model's own forward. ``teacher``
+    (held in the closure, so it is no submodule that DDP/DeepSpeed would wrap) feeds the distillation terms."""
     original = model.forward
     model._idlm_original_forward = original
     model._idlm_cfg = cfg
@@ -76,9 +78,10 @@ def install_objective_forward(model: torch.nn.Module, cfg: IDLMConfig) -> None:
         if idlm_num_noisy is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         out = idlm_loss(model, input_ids, labels, model._idlm_cfg, attention_mask, num_noisy=int(idlm_num_noisy),
-                        num_clean=int(idlm_num_clean), weight=idlm_weight)
+                        num_clean=int(idlm_num_clean), weight=idlm_weight, teacher=teacher)
         return IDLMOutput(loss=out.loss, ce_noisy=out.ce_noisy, ce_clean=out.ce_clean, weight=out.weight,
-                          sum_noisy=out.sum_noisy, sum_clean=out.sum_clean)
+                          sum_noisy=out.sum_noisy, sum_clean=out.sum_clean, sum_kl_noisy=out.sum_kl_noisy,
+                          sum_kl_clean=out.sum_kl_clean)
 
     model.forward = forward
 
@@ -140,6 +143,8 @@ class _StepState:
     done: int = 0
     sum_noisy: torch.Tensor | float = 0.0
     sum_clean: torch.Tensor | float = 0.0
+    sum_kl_noisy: torch.Tensor | float = 0.0
+    sum_kl_clean: torch.Tensor | float = 0.0
 
 
 @dataclass
@@ -147,6 +152,8 @@ class _Window:
     steps: int = 0
     ce_noisy: float = 0.0
     ce_clean: float = 0.0
+    kl_noisy: float = 0.0
+    kl_clean: float = 0.0
     weight: float = 0.0
     work: StepWork = field(default_factory=StepWork)
     t0: float = field(default_factory=time.perf_counter)
@@ -244,6 +251,8 @@ class IDLMTrainer(_BaseTrainer):
         out = self._forward(model, inputs, st)
         st.sum_noisy = st.sum_noisy + out.sum_noisy.detach().double()  # stays on the device: no sync here
         st.sum_clean = st.sum_clean + out.sum_clean.detach().double()
+        st.sum_kl_noisy = st.sum_kl_noisy + out.sum_kl_noisy.detach().double()
+        st.sum_kl_clean = st.sum_kl_clean + out.sum_kl_clean.detach().double()
         st.done += 1
         if st.done == st.num_micro:
             self._finish_step(st)
@@ -264,8 +273,8 @@ class IDLMTrainer(_BaseTrainer):
         )
 
     def _finish_step(self, st: _StepState) -> None:
-        sums = torch.stack([torch.as_tensor(st.sum_noisy, dtype=torch.float64).cpu(),
-                            torch.as_tensor(st.sum_clean, dtype=torch.float64).cpu()])
+        sums = torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu()
+                            for x in (st.sum_noisy, st.sum_clean, st.sum_kl_noisy, st.sum_kl_clean)])
         stats = _all_reduce_sum(torch.cat([sums, st.work.as_tensor()]))
         ce_noisy = float(stats[0]) / max(st.n_noisy, 1)
         ce_clean = float(stats[1]) / max(st.n_clean, 1)
@@ -274,8 +283,10 @@ class IDLMTrainer(_BaseTrainer):
         w.steps += 1
         w.ce_noisy += ce_noisy
         w.ce_clean += ce_clean
+        w.kl_noisy += float(stats[2]) / max(st.n_noisy, 1)
+        w.kl_clean += float(stats[3]) / max(st.n_clean, 1)
         w.weight += float(st.weight)
-        w.work += StepWork.from_tensor(stats[2:])
+        w.work += StepWork.from_tensor(stats[4:])
         self._step = None
 
     # -- logging -------------------------------------------------------------------------------------------------
@@ -289,6 +300,8 @@ class IDLMTrainer(_BaseTrainer):
                 "ce_noisy": w.ce_noisy / w.steps,
                 "ce_clean": w.ce_clean / w.steps,
                 "clean_weight": w.weight / w.steps,
+                **({"kl_noisy": w.kl_noisy / w.steps, "kl_clean": w.kl_clean / w.steps}
+                   if self.idlm_cfg.objective.uses_teacher else {}),
                 "stride": self.idlm_cfg.stride,
                 "tokens_per_s": w.work.tokens / dt,
                 "model_tokens_per_s": w.work.model_tokens / dt,
@@ -333,8 +346,6 @@ class CheckpointCommit(TrainerCallback):
             tmp = ckpt / f".{COMMIT_FILE}.tmp"
             tmp.write_text(json.dumps(body) + "\n")
             tmp.replace(ckpt / COMMIT_FILE)
-        if os.environ.get("IDLM_TEST_HOLD_AT_STEP") == str(state.global_step):
-            time.sleep(600)  # tests only: park the run right after a commit so that it can be killed mid-stage
         return control
 
 

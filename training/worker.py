@@ -9,7 +9,6 @@ with `IDLMTrainer` and writes a loadable I-DLM checkpoint (or a gated-LoRA adapt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -46,12 +45,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def load_teacher(path: str, dtype, device):
+    """The frozen distillation teacher (`idlm.objective.Teacher`): eval mode, no gradients, on ``device``; it is
+    not part of the trained model, so neither DDP nor DeepSpeed wraps or shards it."""
+    from transformers import AutoModelForCausalLM
+
+    from idlm.objective import Teacher
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return Teacher(model.to(device).eval().requires_grad_(False))
+
+
 def run_stage(plan_path: str, index: int, resume: str | None) -> None:
-    from idlm.training.recipe import STAGE_DONE_FILE, Plan
+    from idlm.training.curriculum import mark_stage_done
+    from idlm.training.recipe import Plan
 
     plan = Plan.from_json(Path(plan_path).read_text())
     stage = plan.stages[index - 1]
     s = stage.settings
+    if s.trainer == "native":
+        from idlm.training.native import run_native_stage
+
+        run_native_stage(plan, stage)
+        return
     lf_args = dict(stage.lf_args)
     if resume:
         lf_args["resume_from_checkpoint"] = resume
@@ -105,7 +121,18 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
         from idlm.training.compile import compile_layers
 
         compile_layers(inner)  # regional: the mask and the chunked loss stay eager
-    install_objective_forward(inner, idlm_cfg)
+    teacher = None
+    if idlm_cfg.objective.uses_teacher:
+        import torch
+
+        t_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+        teacher = load_teacher(s.teacher, t_dtype, training_args.device)
+        t_rows = teacher.head.weight.shape[0]
+        if t_rows != inner.get_output_embeddings().weight.shape[0]:
+            raise UserError(f"stage {index}: the teacher {s.teacher} has {t_rows} vocabulary rows, the model "
+                            f"{inner.get_output_embeddings().weight.shape[0]}: use the model before conversion's "
+                            "I-DLM checkpoint (the default) as teacher")
+    install_objective_forward(inner, idlm_cfg, teacher=teacher)
     register_zero3_head(model, inner)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     commit = CheckpointCommit()
@@ -144,11 +171,9 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
         out = Path(s.output_dir)
         if gated_meta is not None:
             gated_meta.save(out)
-        done = {"stage": index, "stride": s.stride, "finetuning": s.finetuning,
-                "global_step": trainer.state.global_step, "idlm": idlm_cfg.to_dict(), "metrics": result.metrics}
-        tmp = out / f".{STAGE_DONE_FILE}.tmp"
-        tmp.write_text(json.dumps(done, indent=2, default=str) + "\n")
-        tmp.replace(out / STAGE_DONE_FILE)
+        mark_stage_done(out, {"stage": index, "stride": s.stride, "finetuning": s.finetuning, "trainer": s.trainer,
+                              "global_step": trainer.state.global_step, "idlm": idlm_cfg.to_dict(),
+                              "metrics": result.metrics})
     _barrier()
 
 
@@ -156,12 +181,15 @@ def _stage_config(model, tokenizer, s):
     """(IDLMConfig of this stage, GatedLoRAConfig or None)."""
     from idlm.config import IDLMConfig, ObjectiveConfig, read_idlm_config
 
-    objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align)
+    objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align,
+                                distill_kl=s.distill_kl, distill_soft=s.distill_soft)
     rows = model.get_input_embeddings().weight.shape[0]
     if s.finetuning == "gated_lora":
         from idlm.inference.lora import GatedLoRAConfig, free_mask_row
 
         mask_id = s.mask_token_id if s.mask_token_id is not None else free_mask_row(tokenizer, rows)
+        if s.mask_token is not None:
+            mask_id = mask_token_row(tokenizer, s.mask_token)
         if mask_id is None or not 0 <= mask_id < rows:
             raise UserError(f"gated LoRA needs a MASK embedding row: the base model has {rows} rows and its tokenizer "
                             "uses them all; set mask_token_id to a rarely used token id")
@@ -174,6 +202,14 @@ def _stage_config(model, tokenizer, s):
                         "block in config.json): convert it first with `idlm convert`")
     mask_id = s.mask_token_id if s.mask_token_id is not None else found.mask_token_id
     return IDLMConfig(mask_token_id=mask_id, stride=s.stride, objective=objective), None
+
+
+def mask_token_row(tokenizer, token: str) -> int:
+    """The id of ``token`` as one token of ``tokenizer`` (a gated-LoRA MASK input given by name)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        raise UserError(f"mask_token {token!r} is not a token of the base tokenizer")
+    return tid
 
 
 def main(argv: list[str] | None = None) -> int:

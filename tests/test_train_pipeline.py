@@ -1,0 +1,118 @@
+"""`idlm train RECIPE` as one pipeline on a tiny model, as a user runs it: convert the base, sample its responses as
+training data, the stride curriculum with distillation (native loop and LlamaFactory), a gated-LoRA adapter stage,
+and the evaluation hooks (quality against the base, ISD == AR, R-ISD == base)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from idlm.training.curriculum import STAGE_DONE_FILE
+from idlm.training.tiny_assets import build_tiny_assets
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu",
+       "TRANSFORMERS_VERBOSITY": "error", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    assets = build_tiny_assets(root / "assets")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(6)))
+    gsm = root / "gsm8k_test.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": f"He has {i}.\n#### {i}"})
+                           + "\n" for i in range(3)))
+    ife = root / "ifeval.jsonl"
+    ife.write_text("".join(json.dumps({"prompt": f"Write {i} words."}) + "\n" for i in range(2)))
+    return {"root": root, "base": assets["base"], "prompts": str(prompts), "gsm8k": str(gsm), "ifeval": str(ife)}
+
+
+def _recipe(files, out: Path, trainer: str) -> Path:
+    recipe = {
+        "base": {"model": files["base"]},
+        "generate": {"sources": [{"kind": "prompts", "file": files["prompts"]}], "samples_per_prompt": 2,
+                     "max_new_tokens": 12, "temperature": 1.0, "keep_truncated": True, "batch_size": 8,
+                     "dtype": "float32"},
+        "trainer": trainer,
+        "template": "chatml", "cutoff_len": 64, "preprocessing_num_workers": None, "dataloader_num_workers": 0,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "optim": "adamw_torch",
+        "learning_rate": 1.0e-3, "max_steps": 3, "seed": 1, "logging_steps": 1, "save_steps": 100,
+        "report_to": "none", "output_dir": str(out), "work_dir": str(out.parent / "work"),
+        "alpha": 0.0, "distill_kl": 1.0, "distill_soft": 0.5,
+        "stages": [{"stride": 2}, {"stride": 3}],
+        "adapter": {"stride": 3, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1.0e-3, "max_steps": 2,
+                    "trainer": "native"},
+        "evaluate": {"gsm8k": files["gsm8k"], "ifeval": files["ifeval"], "limit": 3, "strides": [2, 3],
+                     "max_new_tokens": 8, "batch_size": 4, "kl_prompts": 2, "kl_tokens": 6},
+    }
+    path = out.parent / f"{out.name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _run(recipe: Path, log: Path, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "idlm.cli", "train", str(recipe), *extra]
+    with log.open("a") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, stdout=fh, stderr=subprocess.STDOUT,
+                            timeout=900).returncode
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    return text
+
+
+def _check_outputs(out: Path, work: Path) -> dict:
+    assert (work / "base" / "config.json").is_file() and (work / "converted" / "config.json").is_file()
+    rows = [json.loads(line) for line in (work / "data" / "train.jsonl").read_text().splitlines()]
+    assert 6 <= len(rows) <= 12 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    report = json.loads((work / "data" / "train.json").read_text())
+    assert report["sampling"]["temperature"] == 1.0 and report["prompts"] == 6
+    for d in ("stage1-n2", "stage2-n3", "adapter3-n3"):
+        assert (out / d / STAGE_DONE_FILE).is_file(), d
+    res = json.loads((out / "eval.json").read_text())
+    conv = res["converted"]
+    assert conv["quality"]["kl_per_token"] >= 0 and conv["quality"]["tokens"] > 0
+    for key, s in conv["isd"].items():
+        if "greedy" in key:
+            assert s["equal_to_ar"] == s["requests"], key  # greedy ISD == greedy AR, always
+        assert 1.0 <= s["tpf"] <= s["stride"]
+    assert {"gsm8k_greedy_n2", "gsm8k_greedy_n3", "ifeval_greedy_n3", "gsm8k_t1_n3"} <= set(conv["isd"])
+    for key, s in res["adapter"]["isd"].items():
+        assert s["equal_to_ar"] == s["requests"], key  # R-ISD == the base model's greedy output
+    return res
+
+
+def test_pipeline_native(files, tmp_path):
+    out = tmp_path / "native"
+    recipe = _recipe(files, out, "native")
+    text = _run(recipe, tmp_path / "native.log")
+    assert "generate:" in text and "evaluate:" in text
+    _check_outputs(out, tmp_path / "work")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {1, 2, 3}
+    first = next(r for r in log if r["stage"] == 1)
+    assert abs(first["kl_clean"]) < 1e-6  # the teacher is the model before conversion: KL starts at 0
+    # a rerun finds every phase done and changes nothing
+    before = (out / "stage2-n3" / "model.safetensors").read_bytes()
+    text = _run(recipe, tmp_path / "native2.log", "--phases", "prepare,generate,train")
+    assert "already finished" in text and (out / "stage2-n3" / "model.safetensors").read_bytes() == before
+
+
+def test_pipeline_llamafactory_with_teacher(files, tmp_path):
+    pytest.importorskip("llamafactory")
+    out = tmp_path / "lf"
+    recipe = _recipe(files, out, "llamafactory")
+    _run(recipe, tmp_path / "lf.log")
+    _check_outputs(out, tmp_path / "work")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    lf_rows = [r for r in log if r["stage"] in (1, 2)]
+    assert lf_rows and all("kl_clean" in r and "kl_noisy" in r for r in lf_rows)
+    assert abs(lf_rows[0]["kl_clean"]) < 1e-6
