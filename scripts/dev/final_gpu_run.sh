@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One device call (<= 10 min on an H100): the verify-attention kernel's GPU test, the SGLang ISD check (ISD and
-# R-ISD exactness, serving speed: scripts/dev/sglang_gpu_check.sh) and the training-throughput bench of the
+# The GPU runs behind docs/results/serving_h100.md and training_throughput.md, in one go (<= 10 minutes on an H100):
+# the verify-attention kernel's GPU cases, the SGLang ISD check (ISD and R-ISD exactness, serving speed:
+# scripts/dev/sglang_gpu_check.sh, which says how SGLang must be installed) and the training-throughput bench of the
 # objective vs plain SFT (`idlm bench train`, eager; the --compile variants are scripts/dev/train_mfu_gpu.sh).
-# Env: SKIP_TRAIN=1 (serving only), IDLM_ISD_VERIFY_ATTENTION=splitkv|prefill (default: the GQA-packed kernel),
-# IDLM_ISD_OVERLAP=0 (ISD without overlap scheduling), and sglang_gpu_check.sh's PHASES / BUDGET_S / BENCH_SAMPLED.
-#   run(command="bash scripts/dev/final_gpu_run.sh", carry=[".device"], timeout_s=600)
-# Results under $OUT: sglang_gpu_check.json, docs/results/serving_h100.{json,md}, logs/, bench_train_*.json.
+# From the repository root, with SGLang 0.5.15 importable (pip install -e '.[serve]', or SGLANG_SITE / SGLANG_BUNDLE):
+#   bash scripts/dev/final_gpu_run.sh
+#   SKIP_TRAIN=1 bash scripts/dev/final_gpu_run.sh       # serving only
+# Env: SKIP_TRAIN=1, IDLM_ISD_VERIFY_ATTENTION=splitkv|prefill (default: the GQA-packed kernel), IDLM_ISD_OVERLAP=0
+# (ISD servers started with --disable-overlap-schedule), and sglang_gpu_check.sh's PHASES / BUDGET_S / BENCH_SAMPLED.
+# Results under $OUT (default outputs/final_gpu_run): sglang_gpu_check.json, docs/results/serving_h100.{json,md},
+# logs/, bench_train_*.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-$PWD/outputs/final_gpu_run}

@@ -1,4 +1,4 @@
-"""One-call GPU check of ISD under SGLang (run by scripts/dev/sglang_gpu_check.sh on an H100, <= 10 minutes).
+"""GPU check of ISD under SGLang (run by scripts/dev/sglang_gpu_check.sh; about 10 minutes on an H100).
 
 1. correctness: a small Qwen3-shaped I-DLM checkpoint, trained for a few seconds on a synthetic language so that its
    greedy choices are not bf16 coin flips; SGLang ISD (N = 4, started with the paper's --dllm-algorithm spelling)
@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from idlm.inference.sglang_isd.config import SGLANG_VERSION  # noqa: E402
 from tests.gpu.sglang_helpers import (  # noqa: E402
     SGLangServer,
     build_random_gated_lora,
@@ -258,7 +259,8 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
     step = {(r["algorithm"], r["concurrency"]): r["step_ms"] for r in rows}
     ratios = {c: (step[("isd", c)] / step[("ar", c)] if step.get(("isd", c)) and step.get(("ar", c)) else None)
               for c in levels}
-    result = {"format": "idlm-bench-throughput", "device": "1x H100 80GB HBM3", "sglang": "0.5.15",
+    result = {"format": "idlm-bench-throughput", "device": REPORT.get("gpu") or "not recorded (rebuilt)",
+              "sglang": SGLANG_VERSION,
               "verify_attention": verify_attention, "isd_overlap_schedule": overlap,
               "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, triton attention, CUDA graphs",
               "dataset": "random-512in", "max_tokens": bench_isd.get("max_tokens"), "results": rows,
@@ -278,8 +280,8 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
 
 
 def rebuild(bench_dir: Path, out_dir: Path, levels: list[int]) -> None:
-    """Write serving_h100.{json,md} from bench_isd.json / bench_ar.json of an earlier run (e.g. when the device
-    call could not bring every file back)."""
+    """Write serving_h100.{json,md} from bench_isd.json / bench_ar.json of an earlier run (e.g. when that run did not
+    get to write them)."""
     isd = json.loads((bench_dir / "bench_isd.json").read_text())
     ar = json.loads((bench_dir / "bench_ar.json").read_text())
     result, table = serving_results(isd, ar, levels)

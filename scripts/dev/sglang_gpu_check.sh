@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# GPU check of ISD under SGLang 0.5.15, for ONE device call of at most 10 minutes on an H100 (the lead runs it):
-#   run(command="bash scripts/dev/sglang_gpu_check.sh", carry=[".device"], timeout_s=600)
-# with the offline bundle copied to .device/sglang-0.5.15-bundle.tar.xz. What it does (scripts/dev/sglang_gpu_check.py):
-#   1. small random Qwen3-shaped I-DLM on disk: SGLang ISD N=4 (paper spelling --dllm-algorithm IDLMBlockN) vs the
-#      reference engine vs SGLang AR, greedy, 50 prompts; sampled requests; a bad request and a disconnect;
+# GPU check of ISD under SGLang 0.5.15 on one GPU, about 10 minutes on an H100. From the repository root:
+#   pip install -e '.[serve]'                  # sglang==0.5.15 and the idlm plugin entry point
+#   bash scripts/dev/sglang_gpu_check.sh
+# On a machine without a package index, give SGLang 0.5.15 and its dependencies as a site-packages folder instead
+# (made elsewhere with `pip install --target DIR sglang==0.5.15 ...`): SGLANG_SITE=DIR goes first on PYTHONPATH, or
+# SGLANG_BUNDLE=FILE.tar.xz (that folder packed) is unpacked into a temporary folder first.
+# What it does (scripts/dev/sglang_gpu_check.py):
+#   1. small Qwen3-shaped I-DLM trained briefly on a synthetic language: SGLang ISD N=4 (paper spelling
+#      --dllm-algorithm IDLMBlockN) vs the reference engine vs SGLang AR, greedy, 50 prompts; R-ISD vs AR; sampled
+#      requests; a bad request and a disconnect;
 #   2. Qwen3-8B-shaped dummy weights: ISD N=4 vs SGLang AR step time at C=1,8,32,64 -> $OUT/docs/results/.
-# Env: PHASES=1,2 (default), BUDGET_S=560 (phase 2 is skipped when too little is left), OUT (default outputs/...),
+# Env: PHASES=1,2 (default), BUDGET_S (seconds for the whole check, default 570; phase 2 is skipped when too little
+# is left), OUT (default outputs/sglang_gpu_check), BENCH_SAMPLED=T,P,K (also time sampled requests),
 # IDLM_ISD_VERIFY_ATTENTION=splitkv|gqa|prefill (the ISD servers inherit it: exactness and speed of that kernel).
 # Output: $OUT/sglang_gpu_check.json, $OUT/logs/*.log (server logs), $OUT/docs/results/serving_h100.{json,md};
 # a summary block is printed last; exit code 1 on any failed check.
@@ -14,13 +20,22 @@ cd "$(dirname "$0")/../.."
 export OUT=${OUT:-$PWD/outputs/sglang_gpu_check}
 mkdir -p "$OUT"
 say() { echo "[sglang_gpu_check.sh] $*"; }
-bundle=.device/sglang-0.5.15-bundle.tar.xz
-[ -f "$bundle" ] || { say "FAIL: $bundle is missing (copy ../shared/device/sglang-0.5.15-bundle.tar.xz there and carry .device)"; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
 t0=$(date +%s)
-mkdir -p /tmp/site && tar -C /tmp/site -xJf "$bundle"
-export PYTHONPATH=/tmp/site:$PWD
-say "bundle unpacked in $(( $(date +%s) - t0 )) s"
+unpacked=""
+trap '[ -z "$unpacked" ] || rm -rf "$unpacked"' EXIT
+if [ -n "${SGLANG_BUNDLE:-}" ]; then
+    [ -f "$SGLANG_BUNDLE" ] || { say "FAIL: SGLANG_BUNDLE=$SGLANG_BUNDLE does not exist"; exit 1; }
+    if [ -z "${SGLANG_SITE:-}" ]; then SGLANG_SITE=$(mktemp -d); unpacked=$SGLANG_SITE; fi
+    tar -C "$SGLANG_SITE" -xJf "$SGLANG_BUNDLE"
+    say "$SGLANG_BUNDLE unpacked into $SGLANG_SITE in $(( $(date +%s) - t0 )) s"
+fi
+if [ -n "${SGLANG_SITE:-}" ]; then
+    export PYTHONPATH="$SGLANG_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('sglang') is None)" \
+  || { say "FAIL: sglang is not importable: pip install -e '.[serve]', or set SGLANG_SITE / SGLANG_BUNDLE"; exit 1; }
+# the plugin entry point (group sglang.srt.plugins) must be visible to SGLang's processes
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip_install.log" 2>&1 \
   || { say "FAIL: pip install -e . (see $OUT/pip_install.log)"; tail -20 "$OUT/pip_install.log"; exit 1; }
 python3 - <<'PY' || { say "FAIL: environment check (above)"; exit 1; }
@@ -38,4 +53,4 @@ assert SpeculativeAlgorithm.from_string("ISD").name == "ISD"
 print("plugin registers ISD: ok")
 PY
 export BUDGET_S=${BUDGET_S:-$(( 570 - ($(date +%s) - t0) ))}
-exec python3 scripts/dev/sglang_gpu_check.py --out "$OUT"
+python3 scripts/dev/sglang_gpu_check.py --out "$OUT"

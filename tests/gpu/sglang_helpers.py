@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from idlm.config import step_rows
+
 ROOT = Path(__file__).resolve().parents[2]
-# Flags seen working on an H100 with the offline SGLang 0.5.15 bundle (../shared/device/build-sglang-bundle.sh).
+# Flags seen working on an H100 with SGLang 0.5.15 (triton attention, pytorch sampling, no grammar backend).
 BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
               "--skip-tokenizer-init", "--log-level", "warning",
               # prefill graphs take ~80 s to capture per server and do not touch the decode step measured here
@@ -32,7 +34,7 @@ QWEN3_8B_CONFIG = {
 def isd_flags(stride: int) -> list[str]:
     """ISD with SGLang's default overlap scheduling; IDLM_ISD_OVERLAP=0 in the environment turns it off."""
     off = ["--disable-overlap-schedule"] if os.environ.get("IDLM_ISD_OVERLAP", "1") == "0" else []
-    return ["--speculative-algorithm", "ISD", "--speculative-num-draft-tokens", str(2 * stride - 1)] + off
+    return ["--speculative-algorithm", "ISD", "--speculative-num-draft-tokens", str(step_rows(stride))] + off
 
 
 def paper_isd_flags(yaml_path: str | Path) -> list[str]:
