@@ -120,7 +120,7 @@ def test_data_list(tmp_path, capsys):
     assert "gsm8k" in out and "missing" in out
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the gathered data (/work/shared/data) is not on this machine")
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the gathered data (shared/data) is not beside the checkout")
 def test_fetch_from_the_gathered_data_matches_the_manifest(tmp_path):
     res = D.fetch(None, data_dir=tmp_path, source_dir=SHARED)
     got = {r.bench: r.status for r in res}
