@@ -130,8 +130,8 @@ async def read_body(request: Request, model: type[BaseModel], limit: int = DEFAU
     try:
         data = loads(raw)
     except JSONInputError as exc:
-        if exc.message.startswith("not valid JSON: "):
-            raise bad(f"request body is {exc.message}", code="invalid_json") from None
+        if exc.kind in ("syntax", "encoding"):
+            raise bad(f"request body is not valid JSON: {exc.message}", code="invalid_json") from None
         raise bad(f"invalid request body: {exc.message}", param=format_path(exc.path) or None) from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}")

@@ -3,13 +3,14 @@ labels on assistant turns only, and padding into batches."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from idlm.errors import UserError
 from idlm.losses import IGNORE_INDEX
+from idlm.requests import show
+from idlm.training.datacheck import iter_rows
 
 ROLES = ("system", "user", "assistant")
 
@@ -26,30 +27,28 @@ def validate_messages(messages, where: str) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{where}: message {i} needs 'role' and 'content'")
-        if m["role"] not in ROLES or not isinstance(m["content"], str):
-            raise UserError(f"{where}: message {i} has role {m['role']!r} (one of {ROLES}) or non-text content")
+        role = m["role"]
+        if not isinstance(role, str) or role not in ROLES or not isinstance(m["content"], str):
+            shown = show(role) if isinstance(role, str) else f"a {type(role).__name__}"
+            raise UserError(f"{where}: message {i} has role {shown} (one of {ROLES}) or non-text content")
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         raise UserError(f"{where}: the last message must be a non-empty assistant response")
     return messages
 
 
 def load_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
-    """Conversations from a JSONL file of {"messages": [{"role", "content"}, ...]} rows."""
+    """Conversations from a JSONL file of {"messages": [{"role", "content"}, ...]} rows.
+
+    Rows are read by the `idlm train` pre-flight reader (training/datacheck.py), so encoding errors, deep nesting and
+    the like stop at their row with the same one-line errors."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file not found: {path}")
     out = []
-    with path.open() as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} row {n}: not JSON ({exc.msg})") from exc
-            if not isinstance(row, dict) or "messages" not in row:
-                raise UserError(f"{path} row {n}: missing field 'messages'")
-            out.append(validate_messages(row["messages"], f"{path} row {n}"))
+    for n, row in iter_rows(path):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise UserError(f"{path} row {n}: missing field 'messages'")
+        out.append(validate_messages(row["messages"], f"{path} row {n}"))
     if not out:
         raise UserError(f"{path}: no rows")
     return out

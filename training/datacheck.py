@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from idlm.errors import UserError
+from idlm.jsonsafe import JSONInputError, decode_at, loads
+from idlm.requests import show
 
 IGNORE_INDEX = -100
+MAX_TOKEN_ID = 2 ** 31 - 1  # stored as int64 by `datasets`; real vocabularies are far smaller
 JSON_SUFFIXES = (".json", ".jsonl")
 
 SHAREGPT_DEFAULTS = {
@@ -58,29 +62,95 @@ ALPACA_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "outpu
 # Reading rows with their place
 
 
+def _row_error(where: str, exc: JSONInputError) -> UserError:
+    if exc.kind == "syntax":
+        return UserError(f"{where}: not JSON ({exc.message})")
+    return UserError(f"{where}: {exc.message}")
+
+
+NEWLINE = b"\n"
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError, where: str) -> UserError:
+    return UserError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte {exc.start + 1}); "
+                     "data files must be UTF-8")
+
+
+def _array_rows(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
+    """The rows of a JSON array, decoded one at a time so that an error names its row."""
+    bad, bad_at = None, -1  # the first byte that is not UTF-8, and its character offset in the decoded text
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # decode anyway (the byte becomes a lone surrogate) to find its row
+        bad, text = exc, raw.decode("utf-8-sig", errors="surrogateescape")
+        bad_at = len(raw[:exc.start].decode("utf-8-sig"))
+
+    def bad_byte_before(upto: int, n: int | None) -> None:
+        """An error at or after the bad byte is the bad byte's fault: report that instead."""
+        if bad is not None and bad_at <= upto:
+            where = f"row {n}" if n else f"line {raw.count(NEWLINE, 0, bad.start) + 1}"
+            raise _not_utf8(raw, bad, f"{path} {where}")
+
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end() + 1  # past "["
+    pos = ws.match(text, pos).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        n = 0
+        while True:
+            n += 1
+            start = pos
+            try:
+                row, pos = decode_at(text, pos)
+            except JSONInputError as exc:
+                bad_byte_before(len(text) if exc.pos is None else exc.pos, n if bad_at >= start else None)
+                raise _row_error(f"{path} row {n}", exc) from None
+            bad_byte_before(pos - 1, n)
+            yield n, row
+            pos = ws.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = ws.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            bad_byte_before(pos, None)
+            raise UserError(f"{path} row {n}: not JSON (expected ',' or ']' after the row)")
+    bad_byte_before(len(text), None)
+    if ws.match(text, pos).end() != len(text):
+        raise UserError(f"{path}: not JSON (extra data after the closing ']')")
+
+
 def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(row number, parsed row) of a JSON array file or a JSON-lines file; UserError at the first unreadable row."""
+    """(row number, parsed row) of a JSON array file or a JSON-lines file; UserError at the first unreadable row.
+
+    Rows are read by `idlm.jsonsafe`: bytes that are not UTF-8, nesting deeper than its limit, huge integer literals
+    and lone surrogates stop at their row like any other malformed row."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    text_start = path.open("rb").read(4096).lstrip()
-    as_array = path.suffix == ".json" and text_start.startswith(b"[")
+    try:
+        with path.open("rb") as fh:
+            text_start = fh.read(4096).lstrip()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    as_array = path.suffix == ".json" and text_start.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
     if as_array:
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
-        for n, row in enumerate(data, start=1):
-            yield n, row
+        yield from _array_rows(path, path.read_bytes())
         return
-    with path.open() as fh:
-        for n, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(raw, exc, f"{path} row {n}") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} row {n}: not JSON ({exc.msg})") from exc
+                row = loads(line)
+            except JSONInputError as exc:
+                raise _row_error(f"{path} row {n}", exc) from None
             yield n, row
 
 
@@ -101,6 +171,9 @@ def _check_conversation(row: Any, attr: dict[str, Any], where: str) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or role_tag not in m or content_tag not in m:
             raise UserError(f"{where}: message {i} needs {role_tag!r} and {content_tag!r}")
+        if not isinstance(m[role_tag], str):
+            raise UserError(f"{where}: message {i} has a {type(m[role_tag]).__name__} as {role_tag!r} (a role name "
+                            "is text)")
         if not isinstance(m[content_tag], str):
             raise UserError(f"{where}: message {i} has non-text {content_tag!r}")
     turns = messages
@@ -112,7 +185,7 @@ def _check_conversation(row: Any, attr: dict[str, Any], where: str) -> None:
         want = odd if i % 2 == 0 else even
         if m[role_tag] not in want:
             expected = attr["user_tag"] if i % 2 == 0 else attr["assistant_tag"]
-            raise UserError(f"{where}: turn {i} has role {m[role_tag]!r}, expected {expected!r} "
+            raise UserError(f"{where}: turn {i} has role {show(m[role_tag])}, expected {expected!r} "
                             "(user and assistant turns alternate)")
     if len(turns) % 2 != 0 or not turns:
         raise UserError(f"{where}: the conversation must end with an {attr['assistant_tag']!r} response")
@@ -177,14 +250,20 @@ def check_dataset_dir(dataset_dir: str, names: list[str]) -> int:
     if not info_path.is_file():
         raise UserError(f"{dataset_dir} has no dataset_info.json (needed for 'dataset'; or use 'train_file')")
     try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{info_path}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+        info = loads(info_path.read_bytes())
+    except JSONInputError as exc:
+        raise _row_error(str(info_path), exc) from None
+    except OSError as exc:
+        raise UserError(f"cannot read {info_path}: {exc.strerror or exc}") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path}: must be a JSON object of dataset entries")
     total = 0
     for name in names:
         if name not in info:
             raise UserError(f"dataset {name!r} is not defined in {info_path}")
         entry = info[name]
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k) or {}, dict) for k in ("columns", "tags")):
+            raise UserError(f"{info_path}: entry {name!r} must be an object (with 'columns' and 'tags' objects)")
         if "file_name" not in entry:
             continue  # hub, script or cloud data: read by LlamaFactory itself
         if entry.get("ranking"):
@@ -266,6 +345,8 @@ def read_pretokenized(path: str | Path, cutoff_len: int) -> dict[str, list[list[
             raise UserError(f"{where}: 'input_ids' ({len(ids)}) and 'labels' ({len(labels)}) differ in length")
         if any(t < 0 for t in ids) or any(t < 0 and t != IGNORE_INDEX for t in labels):
             raise UserError(f"{where}: negative token id (labels use -100 for unsupervised positions)")
+        if any(t > MAX_TOKEN_ID for t in ids) or any(t > MAX_TOKEN_ID for t in labels):
+            raise UserError(f"{where}: token id above {MAX_TOKEN_ID} (no vocabulary is that large)")
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if all(t == IGNORE_INDEX for t in labels):
             raise UserError(f"{where}: no supervised token (every label is -100) within cutoff_len {cutoff_len}")
