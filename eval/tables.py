@@ -154,7 +154,7 @@ def quality_table(runs: list[dict], paper_models: tuple[str, ...] = TABLE_MODELS
                 continue
             if s.get("skipped"):
                 cells.append("skipped (no data)")
-                notes.add("skipped: the benchmark's data could not be loaded (see `idlm data fetch`)")
+                notes.add("skipped: the benchmark's data could not be loaded (summary.json: why, where to get it)")
                 continue
             txt = _fmt(s.get("score"))
             flags = []
