@@ -21,6 +21,7 @@ from idlm.inference.runner import EngineRunner
 from idlm.inference.server import bind_socket, create_app, serve, server_url
 
 MODEL_NAME = "tiny-idlm"
+MAX_REQUEST_BYTES = 1 << 20  # the test server's body limit (the default is 8 MiB)
 CHAT_PROMPTS = ["What is 2 plus 3?", "the cat sat on the mat"]
 TEXT_PROMPTS = ["What is 7 plus 5? The answer is", "one two three four"]
 
@@ -54,7 +55,7 @@ def server(idlm_dir):
 
     engine = ISDEngine.from_pretrained(idlm_dir, max_batch_size=8)
     runner = EngineRunner(engine).start()
-    app = create_app(runner, MODEL_NAME)
+    app = create_app(runner, MODEL_NAME, max_request_bytes=MAX_REQUEST_BYTES)
     sock = bind_socket("127.0.0.1", 0)
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
@@ -425,7 +426,8 @@ def test_cli_serve(idlm_dir, tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "idlm", "serve", "--model", idlm_dir, "--port", "0",
-                                 "--served-model-name", "cli-tiny"], stdout=subprocess.PIPE, stderr=err,
+                                 "--served-model-name", "cli-tiny", "--max-request-bytes", "4096"],
+                                stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=env)
     lines: queue.Queue = queue.Queue()
 
@@ -448,6 +450,8 @@ def test_cli_serve(idlm_dir, tmp_path):
             r = c.post("/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
                                                   "temperature": 0})
             assert r.status_code == 200, r.text
+            r = c.post("/chat/completions", json={"messages": [{"role": "user", "content": "x" * 5000}]})
+            assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
     finally:
         proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
         try:
@@ -467,3 +471,185 @@ def test_serve_reports_unusable_ports_and_models(idlm_dir):
         taken.close()
     with pytest.raises(UserError, match="model not found"):
         serve("/nonexistent/model", port=0)
+    with pytest.raises(UserError, match="--max-request-bytes must be >= 1"):
+        serve(idlm_dir, port=0, max_request_bytes=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile input: a 4xx naming the field, never a 5xx, and one bad request never harms another
+
+def _deep(depth: int) -> bytes:
+    return b'{"prompt": "hi", "max_tokens": 2, "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+HOSTILE_REQUESTS = [
+    # (route, raw JSON body, words the message must contain, param)
+    ("/v1/completions", b'{"prompt": "a \\ud800 b", "max_tokens": 2}', ["surrogate"], "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}',
+     ["surrogate", "messages[0].content"], "messages[0].content"),
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}], "max_tokens": 2}',
+     ["surrogate"], "messages[0].content[0].text"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "stop": ["\\ud83d"]}', ["surrogate"], "stop[0]"),
+    ("/v1/completions", _deep(50_000), ["nests deeper than"], None),
+    ("/v1/completions", _deep(150), ["nests deeper than", "x"], "x"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"7" * 5000 + b"}", ["5000 digits"], None),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": 0.5, "top_k": 9223372036854775808}',
+     ["'top_k'", "2^63"], "top_k"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": 0.5, "top_k": 18446744073709551616}',
+     ["'top_k'"], "top_k"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": 0.5, "seed": 9223372036854775808}',
+     ["'seed'", "2^63"], "seed"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "seed": -9223372036854775809}', ["'seed'"], "seed"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', ["'temperature'", "nan"],
+     "temperature"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": Infinity}', ["'temperature'"],
+     "temperature"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": 1e308}', ["'temperature'", "100"],
+     "temperature"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": 1e999}', ["'temperature'"], "temperature"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "top_p": NaN}', ["'top_p'"], "top_p"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "stop": "' + b"z" * 600 + b'"}', ["'stop'", "512"],
+     "stop"),
+    ("/v1/chat/completions", b'{"messages": [{"role": ["user"], "content": "hi"}], "max_tokens": 2}',
+     ["messages[0].role", "list"], "messages[0].role"),
+    ("/v1/completions", b'{"prompt": [1, 2, ' + b"9" * 900 + b"]}", ["prompt[2]", "vocabulary"], "prompt[2]"),
+    ("/v1/completions", b'{"prompt": "hi", "n": ' + b"9" * 900 + b"}", ["'n'", "digits"], "n"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": "' + b"x" * 5000 + b'"}', ["max_tokens", "characters"],
+     "max_tokens"),
+    ("/v1/completions", b'\xff\xfe{"prompt": "hi"}', ["not valid JSON"], None),
+]
+
+
+@pytest.mark.parametrize("route,body,words,param", HOSTILE_REQUESTS,
+                         ids=[f"{i}-{(p or 'body').replace('.', '_')}" for i, (_, _, _, p) in enumerate(HOSTILE_REQUESTS)])
+def test_hostile_requests_get_400_naming_the_field(server, client, route, body, words, param):
+    errors_before = server.runner.stats.step_errors
+    r = client.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (body[:80], r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param, (body[:80], err)
+    for word in words:
+        assert word in err["message"], (body[:80], err["message"])
+    assert len(err["message"]) < 400, err["message"]  # hostile values are not echoed back in full
+    assert server.runner.stats.step_errors == errors_before
+    r = client.post("/v1/completions", json={"prompt": "one two", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+
+
+def test_request_size_limit_answers_413(server, client):
+    filler = "x" * (MAX_REQUEST_BYTES + 1000)
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "user": filler})
+    assert r.status_code == 413, r.text[:300]
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and str(MAX_REQUEST_BYTES) in err["message"]
+    assert "--max-request-bytes" in err["message"]
+
+    def chunks():  # no Content-Length: the limit applies to the bytes as they arrive
+        yield b'{"prompt": "hi", "max_tokens": 2, "user": "'
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 2):
+            yield b"y" * 65536
+        yield b'"}'
+
+    with httpx.Client(base_url=server.url, timeout=30) as other:
+        r = other.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    below = {"prompt": "hi", "max_tokens": 2, "temperature": 0, "user": "z" * (MAX_REQUEST_BYTES - 1000)}
+    r = client.post("/v1/completions", json=below)
+    assert r.status_code == 200, r.text[:300]
+
+
+async def _stream_text(client: httpx.AsyncClient, body: dict, started: asyncio.Event) -> tuple[str, list]:
+    """Stream a completion; sets ``started`` at its first text; returns (text, the parsed events)."""
+    events = []
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            events.append(line)
+            payload = line[len("data: "):]
+            if payload != "[DONE]" and json.loads(payload).get("choices") and json.loads(payload)["choices"][0].get(
+                    "text"):
+                started.set()
+    parsed = _sse_events(events)
+    text = "".join(e["choices"][0]["text"] for e in parsed if isinstance(e, dict) and e.get("choices"))
+    return text, parsed
+
+
+def test_hostile_request_beside_a_stream_in_flight(server):
+    """top_k = 2^63 used to crash the engine step and end every request batched with it."""
+    long_body = {"prompt": "one two three", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+    ref = server.tokenizer.decode(
+        server.reference.generate([server.tokenizer.encode(long_body["prompt"])],
+                                  _greedy(60))[0].token_ids, skip_special_tokens=True)
+
+    async def run():
+        started = asyncio.Event()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+            stream = asyncio.ensure_future(_stream_text(ac, long_body, started))
+            await asyncio.wait_for(started.wait(), 30)
+            hostile = []
+            for field in ("top_k", "seed"):
+                hostile.append(await ac.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5,
+                                                                       "temperature": 0.7, field: 2 ** 63}))
+            return await stream, hostile
+
+    errors_before = server.runner.stats.step_errors
+    (text, events), hostile = asyncio.run(run())
+    assert [r.status_code for r in hostile] == [400, 400]
+    assert [r.json()["error"]["param"] for r in hostile] == ["top_k", "seed"]
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert text == ref
+    assert server.runner.stats.step_errors == errors_before
+
+
+def _greedy(max_tokens: int):
+    from idlm.inference.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=())
+
+
+def test_a_request_that_breaks_the_engine_step_ends_alone(server):
+    """The engine's per-request guard: a request whose parameters break the batched step after admission (set past
+    add_request's checks, as no client can) fails alone with a 500; the request beside it finishes as if alone."""
+    long_body = {"prompt": "one two three", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+    ref = server.tokenizer.decode(
+        server.reference.generate([server.tokenizer.encode(long_body["prompt"])], _greedy(60))[0].token_ids,
+        skip_special_tokens=True)
+    victim = {"prompt": "four five", "max_tokens": 400, "ignore_eos": True, "temperature": 0.8, "seed": 3}
+
+    def sabotage(engine) -> int:
+        hit = 0
+        for req in engine._requests.values():  # the sampled request, now in the batch
+            if req.params.temperature > 0:
+                req.params.top_k = 2 ** 64  # torch.tensor cannot hold it: the next batched step raises
+                hit += 1
+        return hit
+
+    async def run():
+        started = asyncio.Event()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+            stream = asyncio.ensure_future(_stream_text(ac, long_body, started))
+            await asyncio.wait_for(started.wait(), 30)
+            bad = asyncio.ensure_future(ac.post("/v1/completions", json=victim))
+            for _ in range(500):
+                if server.runner.num_requests()[0] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            hit = await server.runner.acall(sabotage)
+            return await stream, await bad, hit
+
+    failed_before = server.runner.stats.failed
+    (text, events), bad, hit = asyncio.run(run())
+    assert hit == 1
+    assert bad.status_code == 500, bad.text
+    err = bad.json()["error"]
+    assert err["type"] == "server_error" and "the engine failed on this request" in err["message"]
+    assert "Overflow" in err["message"]
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert text == ref
+    assert server.runner.stats.failed == failed_before + 1
+    _wait(lambda: _idle(server), 10, "the engine to drain")
