@@ -1,39 +1,69 @@
 #!/usr/bin/env bash
-# Runs scripts/small_scale.py on a GPU machine that reaches no registry, in device calls that each carry part of
-# the 98 MB SmolLM2 GGUF (a call carries at most 64 MiB). Everything lives in /tmp/ss, which outlives a call while
-# the machine stays warm; the pipeline runs detached (setsid) so that it outlives one call's 10-minute limit.
-#   setup          (carry .dev1: gguf.part1, GSM8K train/test JSONL, whl/gguf-*.whl)  install, stash part 1
-#   launch SECS    (carry .dev2: gguf.part2, gguf.sha256)  join + verify, start the pipeline, wait up to SECS
-#   wait SECS      wait up to SECS more; every call copies results, plot and logs to $OUT
+# The small-scale sweep (scripts/small_scale.py) on a GPU machine that reaches no package index and receives files in
+# uploads of limited size (the 98 MB SmolLM2 GGUF arrives in parts). Everything lives in /tmp/ss, which outlives one
+# command while the machine stays up; the sweep runs detached (setsid), so it outlives one command's time limit.
+#
+#   stash DIR          copy the files of DIR into /tmp/ss (the GGUF parts gguf.part1, gguf.part2, gguf.sha256)
+#   launch DIR         DIR holds the wheels the image lacks (transformers 5.6, llamafactory, deepspeed, ...): install
+#                      them into /tmp/ss/site, install the project, join and check the GGUF, start the sweep
+#   wait SECS DEST     wait until the sweep ends or SECS pass; print its progress; copy the results into DEST
+# The benchmark files are expected in data/ (the layout of `idlm data`: gsm8k, mbpp, ifeval).
 set -uo pipefail
 S=/tmp/ss
-collect() {
-  grep -a "small_scale \|Error\|error" $S/log | grep -v Warning | tail -60
-  mkdir -p "$OUT"
-  cp $S/out/results.json $S/out/small_scale.png "$OUT"/ 2>/dev/null
-  cp $S/log "$OUT"/pipeline.log 2>/dev/null
-  tar -C $S/out -czf "$OUT"/train_logs.tgz $(cd $S/out && ls *.jsonl 2>/dev/null | grep -v distill) 2>/dev/null
-  head -c 2000000 $S/out/distill.jsonl > "$OUT"/distill_head.jsonl 2>/dev/null
-}
-wait_for() {
-  local end=$(( $(date +%s) + $1 ))
-  while [ "$(date +%s)" -lt $end ]; do
-    if grep -aq "plots done\|Traceback" $S/log 2>/dev/null; then break; fi
-    sleep 5
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=$S/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VERSION_CHECK=1 \
+       TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 IDLM_NLTK_DATA=$S/nltk_data
+
+progress() {
+  grep -a "small_scale \|Traceback\|error:" $S/log 2>/dev/null | tail -40
+  for f in $S/out/*.log; do
+    [ -f "$f" ] || continue
+    echo "== $(basename "$f"): $(grep -a '\[idlm train\]\|evaluate:' "$f" | tail -2 | tr '\n' ' ' | cut -c1-400)"
+    grep -a -m3 "Traceback\|Error" "$f" | head -3
   done
-  collect
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 }
-case "$1" in
-  setup)
-    mkdir -p $S && cp .dev1/gguf.part1 .dev1/*.jsonl .dev1/whl/*.whl $S/ &&
-    python3 -m pip install -q --no-index --no-deps $S/gguf-*.whl &&
-    python3 -m pip install -q --no-deps --no-build-isolation -e . && nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+
+collect() {
+  local dest=$1
+  mkdir -p "$dest/logs"
+  cp $S/out/sweep.json $S/out/frontier.png "$dest"/ 2>/dev/null
+  for d in $S/out/*/; do
+    n=$(basename "$d")
+    [ -f "$d/eval.json" ] && cp "$d/eval.json" "$dest/eval_$n.json"
+    [ -f "$d/train_log.jsonl" ] && cp "$d/train_log.jsonl" "$dest/logs/train_log_$n.jsonl"
+  done
+  cp $S/log "$dest/logs/sweep.log" 2>/dev/null
+  cp $S/out/work/data/train.json "$dest/logs/generate_report.json" 2>/dev/null
+  local adapter
+  adapter=$(ls -d $S/out/kd/adapter*-n* 2>/dev/null | tail -1)
+  if [ -n "$adapter" ]; then
+    tar -C "$adapter" -cf "$dest/adapter.tar" adapter_config.json adapter_model.safetensors idlm_adapter.json 2>/dev/null
+  fi
+  (cd $S/out && tar -czf "$dest/logs/eval_runs.tgz" eval-*/summary.json eval-*/run.json serve-*.log eval-*.log *.log \
+     2>/dev/null)
+}
+
+case "${1:-}" in
+  stash)
+    mkdir -p $S && cp -r "$2"/. $S/ && ls -la $S ;;
   launch)
-    cat $S/gguf.part1 .dev2/gguf.part2 > $S/model.gguf &&
-    [ "$(sha256sum $S/model.gguf | cut -d' ' -f1)" = "$(cat .dev2/gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 1; }
-    cd "$(dirname "$0")/../.." && PYTHONUNBUFFERED=1 setsid nohup python3 scripts/small_scale.py all --out $S/out \
-      --set base.gguf=$S/model.gguf --set data.train_prompts=$S/train.jsonl --set data.test_prompts=$S/test.jsonl \
-      > $S/log 2>&1 < /dev/null &
-    wait_for "$2" ;;
-  wait) wait_for "$2" ;;
+    mkdir -p $S/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S/site "$2"/*.whl \
+      || exit 1
+    python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    cat $S/gguf.part1 $S/gguf.part2 > $S/model.gguf
+    [ "$(sha256sum $S/model.gguf | cut -d' ' -f1)" = "$(cat $S/gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 1; }
+    python3 -c "import transformers, llamafactory, deepspeed, peft; print('transformers', transformers.__version__, \
+'llamafactory', llamafactory.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)" || exit 1
+    setsid nohup python3 scripts/small_scale.py --out $S/out --set base.gguf=$S/model.gguf > $S/log 2>&1 < /dev/null &
+    sleep 20; progress ;;
+  wait)
+    end=$(( $(date +%s) + $2 ))
+    while [ "$(date +%s)" -lt $end ]; do
+      grep -aq "small_scale .*done in\|Traceback" $S/log 2>/dev/null && break
+      sleep 10
+    done
+    progress; collect "$3" ;;
+  *) echo "usage: $0 stash DIR | launch WHEEL_DIR | wait SECS DEST" >&2; exit 2 ;;
 esac
