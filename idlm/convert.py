@@ -171,8 +171,8 @@ def check_tokenizer(tokenizer, num_rows: int | None, base: str) -> None:
                         "tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...) are missing or incomplete")
 
 
-def _special_ids(tokenizer, config) -> dict[int, str]:
-    """Ids with a role (eos, pad, bos, unk, the tokenizer's special tokens, the config's eos/pad/bos ids)."""
+def _role_ids(tokenizer, config) -> dict[int, str]:
+    """Ids with a role no MASK may take: eos, pad, bos, unk of the tokenizer and the config's eos/pad/bos ids."""
     roles: dict[int, str] = {}
     for name in ("eos", "pad", "bos", "unk"):
         value = getattr(tokenizer, f"{name}_token_id", None)
@@ -184,8 +184,6 @@ def _special_ids(tokenizer, config) -> dict[int, str]:
             for v in value if isinstance(value, list | tuple) else [value]:
                 if isinstance(v, int):
                     roles.setdefault(v, name)
-    for v in getattr(tokenizer, "all_special_ids", []) or []:
-        roles.setdefault(int(v), "special")
     return roles
 
 
@@ -195,10 +193,10 @@ def check_requested_mask_id(tokenizer, config, requested: int, num_rows: int) ->
     if not 0 <= requested < num_rows:
         _mask_id_out_of_range(requested, num_rows)
     token = tokenizer.convert_ids_to_tokens(requested) if requested < len(tokenizer) else None
-    roles = _special_ids(tokenizer, config)
+    roles = _role_ids(tokenizer, config)
     if token == MASK_TOKEN and requested not in roles:
         return
-    assigned = requested in set(tokenizer.get_vocab().values())
+    assigned = requested in set(tokenizer.get_vocab().values()) or requested in set(tokenizer.all_special_ids)
     if requested in roles or (assigned and not (isinstance(token, str) and RESERVED_TOKEN.search(token))):
         role = f" ({roles[requested]})" if requested in roles else ""
         free = f" (ids {len(tokenizer)}..{num_rows - 1})" if len(tokenizer) < num_rows else ""

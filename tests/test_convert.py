@@ -127,3 +127,135 @@ def test_entry_point_help_and_exit_code(tmp_path):
                           "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "model not found" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile input: one line, exit 2, nothing deleted
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _refused(argv, capsys, needle: str) -> None:
+    code, lines = _run_cli(argv, capsys)
+    assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, code, lines)
+
+
+def _copy_base(src: str, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_output_never_destroys_the_base_or_its_neighbours(tiny_qwen3_dir, tmp_path, capsys):
+    parent = tmp_path / "models"
+    base = _copy_base(tiny_qwen3_dir, parent / "base")
+    (parent / "notes.txt").write_text("keep me")
+    before = _tree(parent)
+    cases = [
+        (str(base), "is the base model directory itself"),
+        (str(parent), "contains the base model"),
+        (str(tmp_path), "contains the base model"),
+        (str(base / "sub"), "lies inside the base model directory"),
+        (str(base / ".." / "base"), "is the base model directory itself"),
+    ]
+    for output, needle in cases:
+        _refused(["convert", "--base", str(base), "--output", output, "--overwrite"], capsys, needle)
+    link = tmp_path / "link-to-base"
+    link.symlink_to(base)
+    _refused(["convert", "--base", str(base), "--output", str(link), "--overwrite"], capsys, "base model directory")
+    assert _tree(parent) == before
+
+
+def test_overwrite_replaces_only_a_conversion_output_or_an_empty_directory(tiny_qwen3_dir, tmp_path, capsys):
+    other = tmp_path / "my-data"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen3"}))  # a model, but not an I-DLM one
+    (other / "train.jsonl").write_text("{}\n")
+    before = _tree(other)
+    _refused(["convert", "--base", tiny_qwen3_dir, "--output", str(other), "--overwrite"], capsys,
+             "replaces only an I-DLM checkpoint")
+    assert _tree(other) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _refused(["convert", "--base", tiny_qwen3_dir, "--output", str(afile), "--overwrite"], capsys,
+             "is a file, not a directory")
+    assert afile.read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", "--base", tiny_qwen3_dir, "--output", str(empty)]) == 0
+    assert idlm_config_of(str(empty)).stride == 2
+    # an earlier conversion is replaced whole; no temporary directory is left beside it
+    (empty / "stale.bin").write_bytes(b"old")
+    assert main(["convert", "--base", tiny_qwen3_dir, "--output", str(empty), "--overwrite", "--stride", "4"]) == 0
+    assert idlm_config_of(str(empty)).stride == 4 and not (empty / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "my-data"]
+
+
+def test_bad_output_paths_are_one_line(tiny_qwen3_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    cases = [
+        (tmp_path / "afile" / "sub", "is a file, not a directory"),
+        (tmp_path / "afile" / "a" / "b", "is a file, not a directory"),
+        (tmp_path / "loop1", "symlink loop"),
+        (tmp_path / "loop1" / "sub", "cannot resolve the path"),
+    ]
+    for output, needle in cases:
+        _refused(["convert", "--base", tiny_qwen3_dir, "--output", str(output)], capsys, needle)
+
+
+def test_broken_bases_are_one_line(tiny_qwen3_dir, tmp_path, capsys):
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes((Path(tiny_qwen3_dir) / name).read_bytes())
+    short_header = _copy_base(tiny_qwen3_dir, tmp_path / "short-header")
+    (short_header / "model.safetensors").write_bytes((short_header / "model.safetensors").read_bytes()[:1000])
+    short_data = _copy_base(tiny_qwen3_dir, tmp_path / "short-data")
+    (short_data / "model.safetensors").write_bytes((short_data / "model.safetensors").read_bytes()[:-100])
+    looped = _copy_base(tiny_qwen3_dir, tmp_path / "looped")
+    (looped / "model.safetensors").unlink()
+    (looped / "model.safetensors").symlink_to(looped / "model.safetensors")
+    (tmp_path / "base-loop").symlink_to(tmp_path / "base-loop")
+    cases = [
+        (no_tok, "tokenizer files"),
+        (short_header, "model.safetensors is truncated"),
+        (short_data, "model.safetensors is truncated"),
+        (looped, "cannot read"),
+        (tmp_path / "base-loop", "model not found"),
+    ]
+    for i, (base, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        _refused(["convert", "--base", str(base), "--output", str(out)], capsys, needle)
+        assert not out.exists()
+
+
+def test_mask_id_must_not_be_a_used_token(tiny_qwen3_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    word = tok.convert_tokens_to_ids(tok.tokenize("the")[0])
+    for mask_id, needle in [(tok.eos_token_id, "(eos)"), (tok.pad_token_id, "(pad)"), (word, "which text uses"),
+                            (tok.convert_tokens_to_ids("<|im_start|>"), "which text uses")]:
+        out = tmp_path / f"o{mask_id}"
+        _refused(["convert", "--base", tiny_qwen3_dir, "--output", str(out), "--mask-token-id", str(mask_id)],
+                 capsys, f"mask token id {mask_id} is the tokenizer's token")
+        assert not out.exists()
+    # a reserved special token the vocabulary sets aside (Llama 3 style) is a fine MASK
+    base = _copy_base(tiny_qwen3_dir, tmp_path / "with-reserved")
+    tok.add_special_tokens({"additional_special_tokens": ["<|reserved_special_token_0|>"]})
+    tok.save_pretrained(base)
+    reserved = tok.convert_tokens_to_ids("<|reserved_special_token_0|>")
+    report = convert(str(base), str(tmp_path / "ok"), mask_token_id=reserved)
+    assert report.mask_token_id == reserved and not report.added_mask_token
+    # the default choice (the first unused row, as Qwen3's 151669) still works, and so does the row just past it
+    assert convert(tiny_qwen3_dir, str(tmp_path / "default")).mask_token_id == len(tok) - 1
+    assert convert(tiny_qwen3_dir, str(tmp_path / "free"), mask_token_id=len(tok) + 1).mask_token_id == len(tok) + 1
+
+
+def test_stride_is_bounded(tiny_qwen3_dir, tmp_path, capsys):
+    _refused(["convert", "--base", tiny_qwen3_dir, "--output", str(tmp_path / "o"), "--stride", "1000000000"],
+             capsys, "<= 64")
+    assert not (tmp_path / "o").exists()
