@@ -126,3 +126,12 @@ def test_hostile_dataset_info(tmp_path):
         (d / "dataset_info.json").write_bytes(body)
         with pytest.raises(UserError, match=needle):
             check_dataset_dir(str(d), ["mine"])
+
+
+def test_pretokenized_token_ids_are_bounded(tmp_path):
+    from idlm.training.datacheck import read_pretokenized
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"input_ids": [1, 2 ** 40], "labels": [1, 2]}) + "\n")
+    with pytest.raises(UserError, match=f"{f} row 1: token id above"):
+        read_pretokenized(f, cutoff_len=8)
