@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from idlm.config import MAX_STRIDE
 from idlm.isd import (
     ISDStats,
     build_step,
@@ -37,7 +38,6 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
-from idlm.config import MAX_STRIDE
 from idlm.requests import check_max_new_tokens, check_seed, check_temperature, check_top_k, check_top_p
 from idlm.sampling import process_logits, sample_from_probs
 

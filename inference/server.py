@@ -168,8 +168,8 @@ class _Server:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             for i, t in enumerate(prompt):
                 if not 0 <= t < self.vocab_size:
-                    raise _bad(f"'prompt[{i}]': token id {show(t)} is outside the vocabulary (0..{self.vocab_size - 1})",
-                               param=f"prompt[{i}]")
+                    raise _bad(f"'prompt[{i}]': token id {show(t)} is outside the vocabulary "
+                               f"(0..{self.vocab_size - 1})", param=f"prompt[{i}]")
             return list(prompt)
         if isinstance(prompt, list) and not prompt:
             raise _bad("'prompt' is empty", param="prompt")
@@ -214,8 +214,8 @@ class _Server:
             raise _bad(f"'{field}' must be at least 1, got {show(max_tokens)}", param=field)
         elif max_tokens > room:
             reserved = f", {slack} of them reserved for the ISD step rows" if slack else ""
-            raise _bad(f"'{field}' is {show(max_tokens)}, but with the prompt's {prompt_len} tokens only {room} new tokens "
-                       f"fit in the model's context ({ctx} positions{reserved})", param=field,
+            raise _bad(f"'{field}' is {show(max_tokens)}, but with the prompt's {prompt_len} tokens only {room} new "
+                       f"tokens fit in the model's context ({ctx} positions{reserved})", param=field,
                        code="context_length_exceeded")
         # the shared sampling rules (idlm.requests), with the model's generation_config as defaults
         temperature = checked(check_temperature, _pick(req.temperature, self.defaults["temperature"], 1.0),

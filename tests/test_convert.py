@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from idlm.checkpoint import idlm_config_of, load_idlm
 from idlm.cli import main
 from idlm.convert import MASK_TOKEN, convert
+from idlm.errors import UserError
 
 
 def _state(path: str) -> dict[str, torch.Tensor]:
@@ -242,6 +244,8 @@ def test_mask_id_must_not_be_a_used_token(tiny_qwen3_dir, tmp_path, capsys):
         out = tmp_path / f"o{mask_id}"
         _refused(["convert", "--base", tiny_qwen3_dir, "--output", str(out), "--mask-token-id", str(mask_id)],
                  capsys, f"mask token id {mask_id} is the tokenizer's token")
+        with pytest.raises(UserError, match=re.escape(needle)):
+            convert(tiny_qwen3_dir, str(out), mask_token_id=mask_id)
         assert not out.exists()
     # a reserved special token the vocabulary sets aside (Llama 3 style) is a fine MASK
     base = _copy_base(tiny_qwen3_dir, tmp_path / "with-reserved")
