@@ -61,7 +61,7 @@ case "${1:-}" in
   wait)
     end=$(( $(date +%s) + $2 ))
     while [ "$(date +%s)" -lt $end ]; do
-      grep -aq "small_scale .*done in\|Traceback" $S/log 2>/dev/null && break
+      grep -aq "small_scale [0-9:]*\] done in" $S/log 2>/dev/null && break
       sleep 10
     done
     progress; collect "$3" ;;
