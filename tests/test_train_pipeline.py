@@ -28,8 +28,8 @@ def files(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(6)))
     gsm = root / "gsm8k_test.jsonl"
-    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": f"He has {i}.\n#### {i}"})
-                           + "\n" for i in range(3)))
+    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?",
+                                       "answer": f"He has {i}.\n#### {i}"}) + "\n" for i in range(3)))
     ife = root / "ifeval.jsonl"
     ife.write_text("".join(json.dumps({"prompt": f"Write {i} words."}) + "\n" for i in range(2)))
     return {"root": root, "base": assets["base"], "prompts": str(prompts), "gsm8k": str(gsm), "ifeval": str(ife)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,7 +169,8 @@ def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
                               "settings": sec, "base": base_dir}
 
     t0 = time.time()
-    base_ar = {name: decode(ISDEngine(base, tok, 1, None, max_batch_size=bs), ids, greedy) for name, ids in sets.items()}
+    base_ar = {name: decode(ISDEngine(base, tok, 1, None, max_batch_size=bs), ids, greedy)
+               for name, ids in sets.items()}
     kl_prompts = gsm[: sec["kl_prompts"]]
     conts = sampled_continuations(base, kl_prompts, sec["kl_tokens"], stop, batch=bs)
     result["base_quality"] = {"heldout_nll": heldout_nll(base, tok, rows),

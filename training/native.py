@@ -169,6 +169,7 @@ def run_native_stage(plan, stage) -> None:
     from idlm.checkpoint import load_causal_lm, load_idlm
     from idlm.config import IDLMConfig, ObjectiveConfig
     from idlm.errors import UserError
+    from idlm.training.ckpt import truncate_log
     from idlm.training.curriculum import mark_stage_done
     from idlm.training.data import load_chat_jsonl
 
@@ -184,6 +185,7 @@ def run_native_stage(plan, stage) -> None:
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_file = plan.log_file
+    truncate_log(log_file, s.index, 0)  # an unfinished stage starts over: its earlier rows go
     if s.finetuning == "gated_lora":
         from peft import LoraConfig, get_peft_model
 
@@ -199,8 +201,8 @@ def run_native_stage(plan, stage) -> None:
             raise UserError("gated LoRA needs a MASK row: set mask_token (a rarely used token) or mask_token_id")
         target = lf.get("lora_target", "all")
         targets = list(DEFAULT_TARGETS) if target == "all" else [t.strip() for t in str(target).split(",")]
-        peft_model = get_peft_model(base, LoraConfig(r=int(lf.get("lora_rank", 128)),
-                                                     lora_alpha=int(lf.get("lora_alpha") or 2 * int(lf.get("lora_rank", 128))),
+        rank = int(lf.get("lora_rank", 128))
+        peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=int(lf.get("lora_alpha") or 2 * rank),
                                                      lora_dropout=0.0, target_modules=targets, bias="none"))
         inner = peft_model.get_base_model()
         attach_gate(inner, mask_id)

@@ -113,7 +113,8 @@ def resolve_sections(raw: dict[str, Any], top: dict[str, Any], recipe_dir: Path,
             if not isinstance(s, dict) or s.get("kind") not in SOURCE_KINDS or not s.get("file"):
                 raise UserError(f"{where}: generate.sources[{i}] needs kind ({', '.join(SOURCE_KINDS)}) and file")
             srcs.append({"kind": s["kind"], "file": _path(s["file"], recipe_dir, where, f"generate.sources[{i}] file"),
-                         "limit": int(s["limit"]) if s.get("limit") is not None else None})
+                         "limit": int(s["limit"]) if s.get("limit") is not None else None,
+                         "field": s.get("field")})
         model = g.get("model") or (out.get("base", {}).get("hf_dir"))
         if not model:
             raise UserError(f"{where}: generate needs a model: a 'base' section or generate.model")

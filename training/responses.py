@@ -10,7 +10,7 @@ Prompt sources (`read_prompt_sources`):
              instruction that `idlm eval` adds, so training prompts look like evaluation prompts
     mbpp     Google's sanitized-mbpp.json; only task ids outside the test split 11..510 are used, in the prompt
              format of `idlm eval`'s MBPP
-    prompts  JSONL with a ``prompt`` field, or a JSON list of strings
+    prompts  JSONL with a ``prompt`` field, or a JSON list of strings (or a JSON object whose ``field`` is one)
 """
 
 from __future__ import annotations
@@ -107,8 +107,11 @@ def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
         elif kind == "prompts":
             if path.suffix == ".json":
                 rows = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(rows, dict) and src.get("field"):
+                    rows = rows.get(src["field"])
                 if not isinstance(rows, list) or not all(isinstance(x, str) for x in rows):
-                    raise UserError(f"{path}: a prompts .json file must be a list of strings")
+                    raise UserError(f"{path}: a prompts .json file must be a list of strings"
+                                    + (f" under '{src['field']}'" if src.get("field") else ""))
                 got = list(rows)
             else:
                 for n, row in _read_jsonl(path):
