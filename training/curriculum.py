@@ -14,9 +14,10 @@ from typing import Any
 STAGE_DONE_FILE = "idlm_stage.json"
 
 
-def stage_dir_name(index: int, stride: int, finetuning: str = "full") -> str:
-    """Directory of stage ``index`` (1-based) inside the run's output directory."""
-    return f"adapter{index}-n{stride}" if finetuning == "gated_lora" else f"stage{index}-n{stride}"
+def stage_dir_name(index: int, stride: int, adapter_section: bool = False) -> str:
+    """Directory of stage ``index`` (1-based) inside the run's output directory; the pipeline's ``adapter`` stage
+    (after the curriculum) is ``adapter{i}-n{N}``, every other stage ``stage{i}-n{N}``."""
+    return f"adapter{index}-n{stride}" if adapter_section else f"stage{index}-n{stride}"
 
 
 def is_stage_done(output_dir: str | Path) -> bool:

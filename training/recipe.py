@@ -360,7 +360,7 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
                 if k not in override:  # the curriculum's loss settings and base do not carry over to the adapter
                     merged.pop(k, None)
         settings, lf = _split_stage(merged, i, where)
-        settings.output_dir = os.path.join(output_dir, stage_dir_name(i, settings.stride, settings.finetuning))
+        settings.output_dir = os.path.join(output_dir, stage_dir_name(i, settings.stride, is_adapter))
         # model: the recipe's base for stage 1 (and for an adapter stage), the previous stage's result afterwards
         if prev_dir is None or is_adapter:
             model = override.get("model_name_or_path") if is_adapter else lf.get("model_name_or_path")
