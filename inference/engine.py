@@ -1,6 +1,6 @@
 """A small reference ISD engine: batched requests, a trimmed KV cache, per-request sampling; CPU or GPU.
 
-It drives a stock transformers causal LM (plus, for R-ISD, a gated LoRA from `idlm.inference.lora`) with the
+It drives a stock transformers causal LM (plus, for R-ISD, a gated LoRA from `idlm.lora`) with the
 step math of `idlm.isd`. Each `ISDEngine.step` prefills newly admitted requests and runs one batched decode
 forward for every running request. The engine is meant to be owned by one thread (the server's worker).
 
@@ -321,7 +321,7 @@ class ISDEngine:
     """Reference engine for Introspective Strided Decoding.
 
     model: a transformers causal LM with full (non-sliding) attention, attn_implementation "sdpa" or "eager".
-        For R-ISD pass the base model with a gated LoRA attached by `idlm.inference.lora.load_gated_lora`.
+        For R-ISD pass the base model with a gated LoRA attached by `idlm.lora.load_gated_lora`.
     stride: N (1 = plain AR decoding through the same code). mask_token_id: the MASK input id (needed for N > 1).
     max_context: positions the model supports (default: config.max_position_embeddings).
     device: moves the model there (default: leave it where it is). The model is put in eval mode.
@@ -367,7 +367,7 @@ class ISDEngine:
         self.device = next(model.parameters()).device
         self._mask_dtype = None if attn == "sdpa" else model.dtype
         self._num_layers = config.get_text_config().num_hidden_layers
-        self._gate = getattr(model, "idlm_lora_gate", None)  # set by idlm.inference.lora for R-ISD
+        self._gate = getattr(model, "idlm_lora_gate", None)  # set by idlm.lora for R-ISD
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._cache = PaddedKVCache([], self.device)
@@ -394,7 +394,7 @@ class ISDEngine:
             raise UserError(f"stride must be an integer in [1, {MAX_STRIDE}] (1 = plain AR decoding), got {stride!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if lora is not None:
-            from idlm.inference.lora import GatedLoRAConfig, load_gated_lora
+            from idlm.lora import GatedLoRAConfig, load_gated_lora
 
             GatedLoRAConfig.load(lora)  # a bad adapter path fails before the (slow) model load
             model, tokenizer = load_causal_lm(path, dtype=dtype, device=device, attn_implementation="sdpa")

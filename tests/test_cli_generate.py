@@ -10,7 +10,7 @@ import torch
 from idlm.cli import main
 from idlm.convert import convert
 from idlm.inference.engine import default_stop_token_ids, encode_prompt
-from idlm.inference.lora import save_gated_lora
+from idlm.lora import save_gated_lora
 from idlm.tiny import build_tiny_model
 from tests.isd_helpers import (
     naive_greedy,

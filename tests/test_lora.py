@@ -10,7 +10,7 @@ import torch
 
 from idlm.errors import UserError
 from idlm.inference.engine import ISDEngine, SamplingParams
-from idlm.inference.lora import (
+from idlm.lora import (
     ADAPTER_META_FILE,
     GatedLoRAConfig,
     load_gated_lora,

@@ -260,7 +260,7 @@ def test_launch_command_and_cli(tmp_path, capsys):
 def test_risd_launch_command_and_server_args(tmp_path, monkeypatch, capsys):
     """R-ISD under SGLang: a plain base model plus a gated adapter; the adapter gives stride and MASK id, its path
     travels to the worker in IDLM_ISD_CONFIG, and the server arguments the gated LoRA cannot work with are refused."""
-    from idlm.inference.lora import save_gated_lora
+    from idlm.lora import save_gated_lora
 
     base = tmp_path / "base"
     tiny_model("qwen3", vocab_size=41, hidden_size=32, seed=3).save_pretrained(base)  # no idlm block

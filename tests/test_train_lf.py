@@ -174,7 +174,7 @@ def test_gated_lora_training_for_risd(assets, tmp_path):
     --lora and decodes exactly the base model's greedy output; the LoRA changes only MASK rows."""
     from idlm.checkpoint import load_causal_lm
     from idlm.inference.engine import ISDEngine, SamplingParams
-    from idlm.inference.lora import load_gated_lora
+    from idlm.lora import load_gated_lora
 
     out = tmp_path / "lora"
     _train([f"model_name_or_path={assets['base']}", f"output_dir={out}", "stages=[{stride: 3}]",

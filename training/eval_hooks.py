@@ -148,7 +148,7 @@ def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
     from idlm.checkpoint import load_causal_lm, load_idlm
     from idlm.eval.tasks import BOXED_SUFFIX
     from idlm.inference.engine import ISDEngine, SamplingParams, default_stop_token_ids, encode_prompt
-    from idlm.inference.lora import load_gated_lora
+    from idlm.lora import load_gated_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere: greedy ties flip less across batch shapes

@@ -189,7 +189,7 @@ def run_native_stage(plan, stage) -> None:
     if s.finetuning == "gated_lora":
         from peft import LoraConfig, get_peft_model
 
-        from idlm.inference.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row
+        from idlm.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row
         from idlm.training.worker import mask_token_row
 
         base, tok = load_causal_lm(lf["model_name_or_path"], dtype=torch.float32, device=device,

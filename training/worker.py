@@ -98,7 +98,7 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
                         "flex_attention (GPU) or sdpa")
     idlm_cfg, gated_meta = _stage_config(inner, tokenizer, s)
     if s.finetuning == "gated_lora":
-        from idlm.inference.lora import attach_gate
+        from idlm.lora import attach_gate
 
         attach_gate(inner, idlm_cfg.mask_token_id)  # LoRA only on MASK rows, exactly as at inference
     else:
@@ -185,7 +185,7 @@ def _stage_config(model, tokenizer, s):
                                 distill_kl=s.distill_kl, distill_soft=s.distill_soft)
     rows = model.get_input_embeddings().weight.shape[0]
     if s.finetuning == "gated_lora":
-        from idlm.inference.lora import GatedLoRAConfig, free_mask_row
+        from idlm.lora import GatedLoRAConfig, free_mask_row
 
         mask_id = s.mask_token_id if s.mask_token_id is not None else free_mask_row(tokenizer, rows)
         if s.mask_token is not None:

@@ -47,7 +47,7 @@ class ISDServeConfig:
         else sample from p without x*; needs no stored q) or "sample" (x ~ q, min(1, p/q) with residual; keeps each
         request's q of shape [N - 1, V] on the GPU). Greedy requests always verify by argmax (exact greedy AR).
     seed: seeds the worker's GPU generator for acceptance and sampling uniforms.
-    lora: R-ISD: a gated-LoRA adapter directory (`idlm.inference.lora`) applied to the MASK rows of the served base
+    lora: R-ISD: a gated-LoRA adapter directory (`idlm.lora`) applied to the MASK rows of the served base
         model only (`gated_lora.py`); its ``idlm_adapter.json`` gives the MASK id. None: the model is an I-DLM.
     """
 
@@ -270,7 +270,7 @@ def build_launch_command(
     ``extra`` is appended verbatim, so a later flag overrides them.
     """
     if lora is not None:
-        from idlm.inference.lora import GatedLoRAConfig
+        from idlm.lora import GatedLoRAConfig
 
         meta = GatedLoRAConfig.load(lora)
         cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()))

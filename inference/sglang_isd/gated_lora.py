@@ -11,7 +11,7 @@ alone and wraps the served model's fused projections instead:
   fused (q/k/v, gate/up) and B is block-diagonal with the scale folded in;
 * the gate is ``input_ids == mask_token_id`` of the current forward, computed by a wrapper of the model's
   ``forward``. In an ISD step the MASK rows are exactly the rows whose input is MASK: the adapter's MASK id is an
-  embedding row the tokenizer never produces (`idlm.inference.lora.save_gated_lora`), so prompts never hold it.
+  embedding row the tokenizer never produces (`idlm.lora.save_gated_lora`), so prompts never hold it.
   Computed inside the forward, it is captured into the decode CUDA graphs with the rest.
 
 Rows with gate 0 add ``delta * 0 = 0`` to the base output, which leaves it bit-identical: verify rows, and so every

@@ -123,7 +123,7 @@ class ISDWorker(BaseSpecWorker):
         self.cfg = ISDServeConfig.from_env(stride=stride)
         self.vocab_size = self.model_runner.model_config.vocab_size
         if self.cfg.lora:  # R-ISD: a base model plus a gated LoRA on the MASK rows
-            from idlm.inference.lora import GatedLoRAConfig
+            from idlm.lora import GatedLoRAConfig
 
             meta = GatedLoRAConfig.load(self.cfg.lora)
             if meta.stride != stride:

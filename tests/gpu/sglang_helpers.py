@@ -241,7 +241,7 @@ def build_random_gated_lora(base: Path, out_dir: Path, stride: int = 4, rank: in
     changes the MASK rows' predictions, so R-ISD under SGLang must still give the base model's output.
     ``init_std`` is large enough (0.15 for both factors) that the drafts visibly change (a 0.02 adapter left every
     draft of the tiny model as it was, so an exactness check could not tell whether the adapter ran at all)."""
-    from idlm.inference.lora import save_gated_lora
+    from idlm.lora import save_gated_lora
 
     mask_id = json.loads((base / "config.json").read_text())["idlm"]["mask_token_id"]
     if not (out_dir / "adapter_config.json").is_file():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from idlm.inference.engine import ISDEngine, SamplingParams
-from idlm.inference.lora import load_gated_lora, save_gated_lora
+from idlm.lora import load_gated_lora, save_gated_lora
 from tests.helpers import tiny_model
 from tests.isd_helpers import exact_ar_distribution, g_test, naive_greedy
 

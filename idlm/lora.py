@@ -195,7 +195,7 @@ def save_gated_lora(
         mask_token_id = free_mask_row(tokenizer, rows)
         if mask_token_id is None:
             raise UserError(f"the base model has no free embedding row for MASK (its tokenizer uses all {rows}); "
-                            "pass mask_token_id of a rarely used existing token (see idlm.inference.lora)")
+                            "pass mask_token_id of a rarely used existing token (see idlm.lora)")
     if not 0 <= mask_token_id < rows:
         raise UserError(f"mask token id {mask_token_id} is not an embedding row (the model has {rows})")
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
