@@ -2,7 +2,7 @@
 
 The paper's scripts read ``message.content`` of a Qwen3 thinking-mode response (``<think>...</think>answer``)
 and strip the thinking themselves, some up to the FIRST ``</think>`` (multiple choice, AIME, MathBench), some up
-to the LAST (MATH-500, IFEval, HumanEval, MBPP); see notes/anchor-eval.md. Both are here.
+to the LAST (MATH-500, IFEval, HumanEval, MBPP); see the paper's evaluation scripts, thuEcstasy/I-DLM. Both are here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The paper's reported numbers (I-DLM repository README @ 3342a17, arXiv 2604.11035), for side-by-side tables.
 
 Quality: percent, one sample per item at temperature 1.0 (top-p 0.95, top-k 50), thinking mode, 32768 max
-tokens; AIME is avg@16 (see notes/anchor-eval.md). Throughput: tokens/s per request on one H100 with SGLang.
+tokens; AIME is avg@16 (the paper's evaluation scripts, thuEcstasy/I-DLM). Throughput: tokens/s per request on
+one H100 with SGLang.
 """
 
 from __future__ import annotations

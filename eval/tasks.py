@@ -1,6 +1,6 @@
 """The 14 benchmarks of the paper's quality table: data loading, prompts, sampling counts and scoring.
 
-Each benchmark follows the paper's own evaluation scripts (notes/anchor-eval.md): one chat request per sample,
+Each benchmark follows the paper's own evaluation scripts (thuEcstasy/I-DLM): one chat request per sample,
 thinking mode on (the chat template's default), the prompt text of the anchor, its answer extraction, accuracy
 over the items (AIME: avg@16, the mean over 16 samples per problem; MathBench: circular evaluation, an item counts
 only when all 4 option rotations are right). Deliberate differences are listed in docs/eval.md.

@@ -249,11 +249,6 @@ def rows_to_keep(accepted_len: torch.Tensor) -> torch.Tensor:
     return 1 + accepted_len
 
 
-def rows_to_trim(num_rows: torch.Tensor, accepted_len: torch.Tensor) -> torch.Tensor:
-    """[B] step rows whose KV is dropped: rejected drafts and every MASK row (``num_rows`` from `StepInputs`)."""
-    return num_rows - rows_to_keep(accepted_len)
-
-
 def next_num_drafts(num_drafts: torch.Tensor, accepted_len: torch.Tensor, stride: int) -> torch.Tensor:
     """[B] drafts for the next step: N - 1 when every draft was accepted (the MASK rows saw only accepted tokens),
     else 0 (cold start)."""
@@ -269,19 +264,6 @@ def step_tokens(drafts: torch.Tensor, accepted_len: torch.Tensor, next_token: to
     slots = torch.arange(k_max + 1, device=drafts.device)
     padded = torch.cat([drafts.to(next_token.device, torch.long), next_token[:, None]], 1)
     return torch.where(slots < accepted_len[:, None], padded, next_token[:, None])
-
-
-def acceptance_counts(
-    num_drafts: torch.Tensor, accepted_len: torch.Tensor, max_drafts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position tallies of one step, each [B, K] bool.
-
-    attempted[:, k-1]: draft k was tested (it existed and drafts 1..k-1 were accepted).
-    accepted[:, k-1]: draft k was accepted.
-    """
-    pos = torch.arange(1, max_drafts + 1, device=num_drafts.device)
-    attempted = (pos <= num_drafts[:, None]) & (pos <= accepted_len[:, None] + 1)
-    return attempted, pos <= accepted_len[:, None]
 
 
 @dataclass

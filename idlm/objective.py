@@ -1,4 +1,4 @@
-"""The all-masked [x_t | x_0] training objective (DESIGN.md, "The objective").
+"""The all-masked [x_t | x_0] training objective.
 
 For a row with clean ids x_0 (length L) and labels (-100 outside the supervised response tokens):
 

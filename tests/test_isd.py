@@ -7,7 +7,6 @@ import torch
 
 from idlm.isd import (
     ISDStats,
-    acceptance_counts,
     build_step,
     check_draft_mode,
     gather_rows,
@@ -16,7 +15,6 @@ from idlm.isd import (
     num_step_rows,
     propose_drafts,
     rows_to_keep,
-    rows_to_trim,
     step_tokens,
     verify_drafts,
     verify_greedy,
@@ -195,12 +193,8 @@ def test_bookkeeping_helpers():
     tokens = step_tokens(drafts, accepted, nxt)
     assert [row[:a + 1] for row, a in zip(tokens.tolist(), accepted.tolist())] == [[4, 5, 6, 7], [4, 9], [8]]
     assert rows_to_keep(accepted).tolist() == [4, 2, 1]
-    assert rows_to_trim(num_step_rows(num_drafts, 4), accepted).tolist() == [3, 5, 3]
     assert next_num_drafts(num_drafts, accepted, 4).tolist() == [3, 0, 3]
     assert next_num_drafts(torch.tensor([0]), torch.tensor([0]), 1).tolist() == [0]
-    attempted, acc = acceptance_counts(num_drafts, accepted, 3)
-    assert attempted.tolist() == [[True] * 3, [True, True, False], [False] * 3]
-    assert acc.tolist() == [[True] * 3, [True, False, False], [False] * 3]
 
 
 def test_stats():

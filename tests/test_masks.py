@@ -1,4 +1,4 @@
-"""The attention rule against a brute-force reference written straight from DESIGN.md."""
+"""The attention rule against a brute-force reference written straight from the rule as the README states it."""
 
 from __future__ import annotations
 

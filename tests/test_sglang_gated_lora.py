@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from idlm.errors import UserError
-from idlm.lora import load_gated_lora, save_gated_lora
 from idlm.inference.sglang_isd.gated_lora import GatedLoRALinear, install_gated_lora, read_peft_adapter
+from idlm.lora import load_gated_lora, save_gated_lora
 from tests.helpers import tiny_model
 
 VOCAB, MASK = 41, 40

@@ -1,4 +1,5 @@
-"""The one tweak of a dependency's internals in the training code (DESIGN.md, principle 3), for CPU runs only.
+"""The one tweak of a dependency's internals in the training code (no forks: a small patch, pinned, in one file),
+for CPU runs only.
 
 DeepSpeed 0.19.8's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (``deepspeed_shm_comm``) the first
 time a process group starts: about 85 s of C++ compilation on a 2-core machine, once per machine. Our CPU runs
