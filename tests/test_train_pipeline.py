@@ -1,5 +1,5 @@
 """`idlm train RECIPE` as one pipeline on a tiny model, as a user runs it: convert the base, sample its responses as
-training data, the stride curriculum with distillation (native loop and LlamaFactory), a gated-LoRA adapter stage,
+training data, the stride curriculum with distillation (own loop and LlamaFactory), a gated-LoRA adapter stage,
 and the evaluation hooks (quality against the base, ISD == AR, R-ISD == base)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _recipe(files, out: Path, trainer: str) -> Path:
         "alpha": 0.0, "distill_kl": 1.0, "distill_soft": 0.5,
         "stages": [{"stride": 2}, {"stride": 3}],
         "adapter": {"stride": 3, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1.0e-3, "max_steps": 2,
-                    "trainer": "native"},
+                    "trainer": "idlm"},
         "evaluate": {"gsm8k": files["gsm8k"], "ifeval": files["ifeval"], "limit": 3, "strides": [2, 3],
                      "max_new_tokens": 8, "batch_size": 4, "kl_prompts": 2, "kl_tokens": 6},
     }
@@ -90,10 +90,10 @@ def _check_outputs(out: Path, work: Path) -> dict:
     return res
 
 
-def test_pipeline_native(files, tmp_path):
-    out = tmp_path / "native"
-    recipe = _recipe(files, out, "native")
-    text = _run(recipe, tmp_path / "native.log")
+def test_pipeline_own_loop(files, tmp_path):
+    out = tmp_path / "idlm"
+    recipe = _recipe(files, out, "idlm")
+    text = _run(recipe, tmp_path / "loop.log")
     assert "generate:" in text and "evaluate:" in text
     _check_outputs(out, tmp_path / "work")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -102,7 +102,7 @@ def test_pipeline_native(files, tmp_path):
     assert abs(first["kl_clean"]) < 1e-6  # the teacher is the model before conversion: KL starts at 0
     # a rerun finds every phase done and changes nothing
     before = (out / "stage2-n3" / "model.safetensors").read_bytes()
-    text = _run(recipe, tmp_path / "native2.log", "--phases", "prepare,generate,train")
+    text = _run(recipe, tmp_path / "loop2.log", "--phases", "prepare,generate,train")
     assert "already finished" in text and (out / "stage2-n3" / "model.safetensors").read_bytes() == before
 
 

@@ -1,4 +1,4 @@
-"""The stride curriculum's bookkeeping, shared by every trainer (LlamaFactory worker and native loop).
+"""The stride curriculum's bookkeeping, shared by every trainer (the LlamaFactory worker and the own loop).
 
 A plan's stages run in order; each writes its result into its own directory and, last, the stage marker
 ``idlm_stage.json``. A stage whose directory holds the marker is finished: `idlm train` skips it on a rerun, and the

@@ -114,7 +114,7 @@ def _check_base(plan: Plan) -> None:
 def _check_installed(plan: Plan) -> None:
     import importlib.util
 
-    if all(st.settings.trainer == "native" for st in plan.stages):
+    if all(st.settings.trainer == "idlm" for st in plan.stages):
         return
     need = ["llamafactory"]
     if plan.launch.launcher == "deepspeed" or any(st.lf_args.get("deepspeed") for st in plan.stages):

@@ -4,7 +4,7 @@
                  WORK/converted (`idlm convert`: the same weights plus the idlm block; stage 1 starts here)
     generate  -> WORK/data/train.jsonl: the base model's *sampled* responses to the prompt sources
                  (`idlm.training.responses`), several per prompt; held-out prompts are never sources
-    stages    -> the curriculum (LlamaFactory or the native loop, per stage), then the `adapter` section as a
+    stages    -> the curriculum (LlamaFactory or the project's own loop, per stage), then the `adapter` section as a
                  gated-LoRA stage on the base model (R-ISD)
     evaluate  -> OUTPUT/eval.json: AR quality against the base and ISD statistics (`idlm.training.eval_hooks`)
 

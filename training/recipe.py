@@ -50,7 +50,7 @@ IDLM_KEYS = {
     "master_addr",
     "master_port",
     "log_file",  # JSONL of loss components per logging step (default OUTPUT_DIR/train_log.jsonl)
-    "trainer",  # llamafactory (default) | native (idlm.training.native: one process, no LlamaFactory)
+    "trainer",  # llamafactory (default) | idlm (idlm.training.loop: the project's own loop, one process)
     "teacher",  # distillation teacher (default: the first stage's model, i.e. the model before conversion)
     "distill_kl",  # weight of KL(teacher || model) on the clean half
     "distill_soft",  # share of the teacher's soft targets in the noisy half
@@ -64,7 +64,7 @@ IDLM_KEYS = {
 
 # Recipe sections (mappings) of the pipeline, run by idlm.training.pipeline around the stages.
 SECTIONS = ("base", "generate", "adapter", "evaluate")
-TRAINERS = ("llamafactory", "native")
+TRAINERS = ("llamafactory", "idlm")
 
 # Short spellings accepted in recipes -> LlamaFactory / HF names.
 ALIASES = {

@@ -63,10 +63,10 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
     plan = Plan.from_json(Path(plan_path).read_text())
     stage = plan.stages[index - 1]
     s = stage.settings
-    if s.trainer == "native":
-        from idlm.training.native import run_native_stage
+    if s.trainer == "idlm":
+        from idlm.training.loop import run_loop_stage
 
-        run_native_stage(plan, stage)
+        run_loop_stage(plan, stage)
         return
     lf_args = dict(stage.lf_args)
     if resume:

@@ -10,7 +10,7 @@ from idlm.config import IDLMConfig
 from idlm.errors import UserError
 from idlm.tiny import build_tiny_model, tiny_corpus
 from idlm.training.data import encode_chat, load_chat_jsonl
-from idlm.training.native import NativeTrainConfig, train_native
+from idlm.training.loop import LoopTrainConfig, train_loop
 
 
 def test_bad_rows_name_file_and_row(tmp_path):
@@ -38,7 +38,7 @@ def test_labels_cover_assistant_turns_only():
     assert supervised == "2<|im_end|>\n"
 
 
-def test_native_training_lowers_both_losses():
+def test_own_loop_lowers_both_losses():
     model, tok = build_tiny_model(free_rows=4, seed=0)
     convs = []
     for line in tiny_corpus(40, seed=1):
@@ -46,6 +46,6 @@ def test_native_training_lowers_both_losses():
             q, a = line.split("? ")
             convs.append([{"role": "user", "content": q + "?"}, {"role": "assistant", "content": a}])
     cfg = IDLMConfig(mask_token_id=len(tok), stride=3)
-    log = train_native(model, tok, convs, cfg, NativeTrainConfig(steps=30, batch_size=8, grad_accum=2, lr=3e-3))
+    log = train_loop(model, tok, convs, cfg, LoopTrainConfig(steps=30, batch_size=8, grad_accum=2, lr=3e-3))
     assert log[-1]["ce_noisy"] < log[0]["ce_noisy"] - 1.0
     assert log[-1]["ce_clean"] < log[0]["ce_clean"] - 1.0

@@ -1,5 +1,5 @@
-"""The native trainer: the objective in a plain PyTorch loop on one device, a trainer choice of the same recipe
-(``trainer: native``) for machines without LlamaFactory (the CPU demo) and for quick single-device runs. It reads the
+"""The project's own trainer: the objective in a plain PyTorch loop on one device, a trainer choice of the same recipe
+(``trainer: idlm``) for machines without LlamaFactory (the CPU demo) and for quick single-device runs. It reads the
 stage's chat file (``train_file`` or the generated data) with the tokenizer's own chat template and writes the same
 checkpoints and stage markers as the LlamaFactory worker. Multi-GPU training goes through LlamaFactory + DeepSpeed."""
 
@@ -22,7 +22,7 @@ from idlm.training.data import collate, encode_chat
 
 
 @dataclass
-class NativeTrainConfig:
+class LoopTrainConfig:
     steps: int = 20
     batch_size: int = 4
     grad_accum: int = 1
@@ -39,7 +39,7 @@ class NativeTrainConfig:
     log_tags: dict | None = None  # added to every log row (e.g. the stage and stride)
 
 
-def _lr_at(step: int, cfg: NativeTrainConfig) -> float:
+def _lr_at(step: int, cfg: LoopTrainConfig) -> float:
     """Linear warmup then cosine decay to 0."""
     warm = max(1, int(cfg.warmup_ratio * cfg.steps))
     if step < warm:
@@ -54,7 +54,7 @@ def _autocast(device: torch.device, amp_dtype: str | None):
     return torch.autocast(device_type=device.type, dtype=getattr(torch, amp_dtype))
 
 
-def train_native(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg: NativeTrainConfig,
+def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg: LoopTrainConfig,
                  teacher=None) -> list[dict]:
     """Train ``model`` in place on chat ``conversations`` with the [x_t | x_0] objective; returns the log rows.
 
@@ -132,7 +132,7 @@ def train_native(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cf
     return log
 
 
-def save_trained(model, tokenizer, idlm_cfg: IDLMConfig, out_dir: str | Path, train_cfg: NativeTrainConfig) -> None:
+def save_trained(model, tokenizer, idlm_cfg: IDLMConfig, out_dir: str | Path, train_cfg: LoopTrainConfig) -> None:
     """Save a loadable I-DLM checkpoint (weights, tokenizer, idlm block) plus the training settings."""
     from idlm.config import write_idlm_config
 
@@ -149,11 +149,11 @@ def _lf_number(lf: dict, key: str, default):
     return default if v is None else v
 
 
-def native_config(lf: dict, log_file: str | None, clean_weight: float | None = None) -> NativeTrainConfig:
-    """The native loop's settings from a stage's LlamaFactory/HF arguments (the same recipe keys)."""
+def loop_config(lf: dict, log_file: str | None, clean_weight: float | None = None) -> LoopTrainConfig:
+    """The loop's settings from a stage's LlamaFactory/HF arguments (the same recipe keys)."""
     steps = int(_lf_number(lf, "max_steps", -1))
     epochs = None if steps > 0 else float(_lf_number(lf, "num_train_epochs", 1.0))
-    return NativeTrainConfig(
+    return LoopTrainConfig(
         steps=steps if steps > 0 else 1, epochs=epochs,
         batch_size=int(_lf_number(lf, "per_device_train_batch_size", 8)),
         grad_accum=int(_lf_number(lf, "gradient_accumulation_steps", 1)),
@@ -164,8 +164,8 @@ def native_config(lf: dict, log_file: str | None, clean_weight: float | None = N
         amp_dtype="bfloat16" if lf.get("bf16") and torch.cuda.is_available() else None, clean_weight=clean_weight)
 
 
-def run_native_stage(plan, stage) -> None:
-    """Run one stage of a plan with the native loop and write its checkpoint (or adapter) and stage marker."""
+def run_loop_stage(plan, stage) -> None:
+    """Run one stage of a plan with the project's own loop and write its checkpoint (or adapter) and stage marker."""
     from idlm.checkpoint import load_causal_lm, load_idlm
     from idlm.config import IDLMConfig, ObjectiveConfig
     from idlm.errors import UserError
@@ -176,7 +176,7 @@ def run_native_stage(plan, stage) -> None:
     s, lf = stage.settings, stage.lf_args
     files = [c["file"] for c in plan.data_checks if c["kind"] == "train_file"]
     if not files:
-        raise UserError(f"stage {s.index}: trainer: native reads a chat file (train_file or a generate section)")
+        raise UserError(f"stage {s.index}: trainer: idlm reads a chat file (train_file or a generate section)")
     conversations = [conv for f in files for conv in load_chat_jsonl(f)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(int(_lf_number(lf, "seed", 42)))
@@ -207,9 +207,9 @@ def run_native_stage(plan, stage) -> None:
         inner = peft_model.get_base_model()
         attach_gate(inner, mask_id)
         cfg = IDLMConfig(mask_token_id=mask_id, stride=s.stride, objective=objective)
-        tc = native_config(lf, log_file, clean_weight=0.0)
+        tc = loop_config(lf, log_file, clean_weight=0.0)
         tc.log_tags = {"stage": s.index, "stride": s.stride}
-        history = train_native(inner, tok, conversations, cfg, tc)
+        history = train_loop(inner, tok, conversations, cfg, tc)
         peft_model.save_pretrained(str(out))
         GatedLoRAConfig(mask_token_id=mask_id, stride=s.stride, base_model=lf["model_name_or_path"]).save(out)
     else:
@@ -222,10 +222,10 @@ def run_native_stage(plan, stage) -> None:
             from idlm.training.worker import load_teacher
 
             teacher = load_teacher(s.teacher, torch.float32, device)
-        tc = native_config(lf, log_file)
+        tc = loop_config(lf, log_file)
         tc.log_tags = {"stage": s.index, "stride": s.stride}
-        history = train_native(model, tok, conversations, cfg, tc, teacher=teacher)
+        history = train_loop(model, tok, conversations, cfg, tc, teacher=teacher)
         save_trained(model, tok, cfg, out, tc)
-    mark_stage_done(out, {"stage": s.index, "stride": s.stride, "finetuning": s.finetuning, "trainer": "native",
+    mark_stage_done(out, {"stage": s.index, "stride": s.stride, "finetuning": s.finetuning, "trainer": "idlm",
                           "global_step": len(history), "idlm": cfg.to_dict(),
                           "metrics": {"first": history[0], "last": history[-1]}})
