@@ -166,14 +166,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"bad --device {args.device!r}: {exc}") from exc
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: CUDA is not available on this machine")
-    from idlm.inference.engine import ISDEngine, SamplingParams, default_stop_token_ids, encode_prompt
+    from idlm.chat import encode_prompt, stop_token_ids
+    from idlm.inference.engine import ISDEngine, SamplingParams
 
     engine = ISDEngine.from_pretrained(args.model, stride=args.stride, lora=args.lora, device=args.device,
                                        dtype=args.dtype, max_batch_size=1)
     tokenizer = engine.tokenizer
     prompt_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, stop_token_ids=default_stop_token_ids(tokenizer, engine.model),
+                            top_p=args.top_p, stop_token_ids=stop_token_ids(tokenizer, engine.model),
                             seed=args.seed, draft_mode=args.draft_mode)
     try:
         out = engine.generate([prompt_ids], params)[0]

@@ -703,31 +703,3 @@ def _rng_states(reqs: list[_Request]) -> list[tuple[torch.Generator, torch.Tenso
 def _set_rng_states(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
     for generator, state in states:
         generator.set_state(state)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt helpers (CLI, server)
-
-
-def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
-    """Token ids of a user prompt: wrapped in the tokenizer's chat template (as one user turn, with the generation
-    prompt) when it has one and ``chat_template`` is True, else plain text with the tokenizer's special tokens."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False).input_ids)
-    return list(tokenizer(text).input_ids)
-
-
-def default_stop_token_ids(tokenizer, model=None) -> tuple[int, ...]:
-    """End-of-sequence ids from the tokenizer and the model's generation/model config (duplicates removed)."""
-    ids: list[int] = []
-    sources = [getattr(tokenizer, "eos_token_id", None)]
-    if model is not None:
-        sources += [getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                    getattr(model.config, "eos_token_id", None)]
-    for value in sources:
-        for tok in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(tok, int) and tok not in ids:
-                ids.append(tok)
-    return tuple(ids)

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from idlm.chat import ChatTemplateError, encode_messages, stop_token_ids
 from idlm.errors import UserError
 from idlm.requests import check_seed, check_temperature, check_top_k, check_top_p, show
 
@@ -109,7 +110,7 @@ class _Server:
         self.created = int(time.time())
         model = getattr(runner.engine, "model", None)
         gen = getattr(model, "generation_config", None)
-        self.eos_ids = _eos_ids(self.tokenizer, model)
+        self.eos_ids = stop_token_ids(self.tokenizer, model)
         self.defaults = {k: getattr(gen, k, None) for k in ("temperature", "top_p", "top_k")}
         config = getattr(model, "config", None)
         vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
@@ -148,15 +149,10 @@ class _Server:
                 raise _bad(f"'{where}.content' must be a string or a list of text parts, "
                            f"got {type(content).__name__}", param=f"{where}.content")
             clean.append({"role": role, "content": content})
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            try:
-                text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # jinja raise_exception (e.g. roles must alternate) and template errors
-                raise _bad(f"the chat template rejected 'messages': {exc}", param="messages") from None
-            return list(tok.encode(text, add_special_tokens=False))
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
-        return list(tok.encode(text, add_special_tokens=True))
+        try:
+            return encode_messages(self.tokenizer, clean)
+        except ChatTemplateError as exc:
+            raise _bad(f"the chat template rejected 'messages': {exc}", param="messages") from None
 
     def completion_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
@@ -400,19 +396,6 @@ def _pick(value, default, fallback):
     if value is not None:
         return value
     return default if default is not None else fallback
-
-
-def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-    """Stop token ids: the tokenizer's eos, and the model's generation config and config eos ids."""
-    ids: list[int] = []
-    sources = (getattr(tokenizer, "eos_token_id", None),
-               getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-               getattr(getattr(model, "config", None), "eos_token_id", None))
-    for value in sources:
-        for v in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(v, int) and v not in ids:
-                ids.append(v)
-    return tuple(ids)
 
 
 def _sse(obj: dict) -> str:

@@ -43,8 +43,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
+    from idlm.chat import encode_prompt, stop_token_ids
     from idlm.checkpoint import load_idlm
-    from idlm.inference.engine import ISDEngine, SamplingParams, default_stop_token_ids, encode_prompt, pooled_tpf
+    from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
 
     prompts = json.loads((ROOT / "configs" / "demo" / "prompts.json").read_text())
 
@@ -67,7 +68,7 @@ def main() -> None:
     # 4. decoding: greedy AR (stride 1) and greedy ISD at N = 2 and 4, same weights
     held_out = [encode_prompt(tok, p) for p in prompts["held_out"]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                            stop_token_ids=default_stop_token_ids(tok, model))
+                            stop_token_ids=stop_token_ids(tok, model))
     log(f"2/2 decoding {len(held_out)} held-out prompts greedily: AR, then ISD N=2 and N=4")
     results = {}
     for stride in (1, 2, 4):

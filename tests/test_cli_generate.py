@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from idlm.chat import encode_prompt, stop_token_ids
 from idlm.cli import main
 from idlm.convert import convert
-from idlm.inference.engine import default_stop_token_ids, encode_prompt
 from idlm.lora import save_gated_lora
 from idlm.tiny import build_tiny_model
 from tests.isd_helpers import (
@@ -40,7 +40,7 @@ def _run(capsys, *argv: str):
 def _reference(dirs, max_new: int, chat: bool = True) -> list[int]:
     tok, model = dirs["tokenizer"], dirs["model"]
     return naive_greedy(model, encode_prompt(tok, PROMPT, chat_template=chat), max_new,
-                        stop=default_stop_token_ids(tok, model))
+                        stop=stop_token_ids(tok, model))
 
 
 def test_generate_prints_text(dirs, capsys):

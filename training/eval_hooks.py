@@ -145,9 +145,10 @@ def _gsm8k_accuracy(tok, rows: list[dict[str, str]], outs: list) -> float:
 def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
     """Run the hooks on a finished plan: the base (WORK/base, else the first stage's model), the last curriculum
     stage and, if the plan has one, the gated-LoRA adapter stage."""
+    from idlm.chat import encode_prompt, stop_token_ids
     from idlm.checkpoint import load_causal_lm, load_idlm
     from idlm.eval.tasks import BOXED_SUFFIX
-    from idlm.inference.engine import ISDEngine, SamplingParams, default_stop_token_ids, encode_prompt
+    from idlm.inference.engine import ISDEngine, SamplingParams
     from idlm.lora import load_gated_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,7 +158,7 @@ def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
     base_dir = plan.sections.get("base", {}).get("hf_dir") or plan.stages[0].lf_args["model_name_or_path"]
     dtype = sec["dtype"]
     base, tok = load_causal_lm(base_dir, dtype=dtype, device=device, attn_implementation="sdpa")
-    stop = default_stop_token_ids(tok, base)
+    stop = stop_token_ids(tok, base)
     rows = read_gsm8k(sec["gsm8k"], sec["limit"])
     gsm = [encode_prompt(tok, r["question"] + BOXED_SUFFIX) for r in rows]
     ife = [encode_prompt(tok, p) for p in read_ifeval_prompts(sec["ifeval"], sec["ifeval_limit"])] \

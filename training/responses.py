@@ -132,14 +132,14 @@ def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
 def sample_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[list[str]]:
     """``settings.samples_per_prompt`` sampled chat responses per prompt (left-padded batches through HF generate;
     prompts sorted by length so batches pad little). Empty responses are kept as "" (dropped by the writer)."""
-    from idlm.inference.engine import default_stop_token_ids
+    from idlm.chat import stop_token_ids
 
     args = settings.resolved(getattr(model, "generation_config", None))
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if pad_token is None:  # e.g. SmolLM2's GGUF tokenizer; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
-    stop = list(default_stop_token_ids(tokenizer, model))
+    stop = list(stop_token_ids(tokenizer, model))
     device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for p in prompts]
