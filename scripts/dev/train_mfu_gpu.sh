@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: `idlm bench train` variants (regional torch.compile on/off, batch) on one GPU, for
-# docs/results/training_throughput.md.   run(command="bash scripts/dev/train_mfu_gpu.sh", timeout_s=600)
+# `idlm bench train` variants (regional torch.compile on/off, batch) on one GPU, for
+# docs/results/training_throughput.md:   bash scripts/dev/train_mfu_gpu.sh      (about 10 minutes on an H100)
 # Env: VARIANTS="shape:batch:flags ..." (flags joined by ','), OUT (results: bench_train_*.json, a summary last).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
