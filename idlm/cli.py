@@ -73,8 +73,10 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
 
     from idlm.inference.sglang_isd.config import build_launch_command
 
-    if args.stride is not None and args.stride < 2:
-        raise UserError(f"--stride must be >= 2 for ISD under SGLang, got {args.stride}")
+    if args.stride is not None:
+        from idlm.config import check_stride
+
+        check_stride(args.stride)  # ISD under SGLang: N >= 2
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     extra = ["--max-running-requests", str(args.max_batch_size)]
@@ -148,8 +150,10 @@ SUBCOMMANDS.append(_add_serve)
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    if args.stride is not None and args.stride < 1:
-        raise UserError(f"--stride must be >= 1 (1 = plain AR decoding), got {args.stride}")
+    from idlm.config import decode_stride_problem
+
+    if args.stride is not None and decode_stride_problem(args.stride):
+        raise UserError(f"--{decode_stride_problem(args.stride)}")
     from idlm.requests import InvalidRequest, check_sampling
 
     try:  # the rules the server and the engine apply too

@@ -101,6 +101,14 @@ def check_stride(stride: int) -> None:
         raise UserError(f"stride must be an integer >= 2 and <= {MAX_STRIDE} (N tokens per step), got {stride!r}")
 
 
+def decode_stride_problem(stride: object) -> str | None:
+    """Why ``stride`` cannot be decoded with (None if it can): decoding also takes N = 1, plain AR through the same
+    code, up to MAX_STRIDE. The one rule of the engine, `idlm generate` and `idlm serve`."""
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= MAX_STRIDE:
+        return f"stride must be an integer in [1, {MAX_STRIDE}] (1 = plain AR decoding), got {stride!r}"
+    return None
+
+
 def step_rows(stride: int) -> int:
     """Rows per request of one ISD forward at stride N: [pending, N - 1 drafts, N - 1 MASK] = 2N - 1."""
     check_stride(stride)

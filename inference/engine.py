@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from idlm.config import MAX_STRIDE
+from idlm.config import decode_stride_problem
 from idlm.isd import (
     ISDStats,
     build_step,
@@ -337,8 +337,8 @@ class ISDEngine:
         max_context: int | None = None,
         device=None,
     ):
-        if not isinstance(stride, int) or not 1 <= stride <= MAX_STRIDE:
-            raise ValueError(f"stride must be an integer in [1, {MAX_STRIDE}] (1 = plain AR decoding), got {stride!r}")
+        if decode_stride_problem(stride):
+            raise ValueError(decode_stride_problem(stride))
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         config = model.config
@@ -390,8 +390,8 @@ class ISDEngine:
         from idlm.checkpoint import idlm_config_of, load_causal_lm
         from idlm.errors import UserError
 
-        if stride is not None and (not isinstance(stride, int) or not 1 <= stride <= MAX_STRIDE):
-            raise UserError(f"stride must be an integer in [1, {MAX_STRIDE}] (1 = plain AR decoding), got {stride!r}")
+        if stride is not None and decode_stride_problem(stride):
+            raise UserError(decode_stride_problem(stride))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if lora is not None:
             from idlm.lora import GatedLoRAConfig, load_gated_lora

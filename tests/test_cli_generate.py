@@ -77,7 +77,8 @@ def test_generate_strides_templates_sampling_and_lora(dirs, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--stride", "0"], "--stride must be >= 1"),
+    (["--stride", "0"], "--stride must be an integer in [1, 64]"),
+    (["--stride", "65"], "--stride must be an integer in [1, 64]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--top-p", "1.5"], "--top-p"),
     (["--temperature", "-1"], "--temperature"),
