@@ -147,6 +147,13 @@ def _main(sandbox: dict) -> None:
     limits = job.get("limits", {})
     _set_rlimits({**limits, "nproc": None if info.get("seccomp") else limits.get("nproc")})
     build_hook = _load_hook_builder(sandbox["hook"])
+    import builtins
+
+    if not hasattr(builtins, "exit"):  # python -S leaves out site's exit()/quit(); programs call them
+        import _sitebuiltins
+
+        builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+        builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
 
     for name in PRELOAD:
         try:
@@ -162,7 +169,8 @@ def _main(sandbox: dict) -> None:
 
     def install(helper_ident=None) -> None:
         _set_cpu_limit(float(limits.get("cpu_seconds", 10)))
-        sys.addaudithook(build_hook(workdir, roots, helper_ident, workdir_dev))
+        if job.get("audit_hook", True):
+            sys.addaudithook(build_hook(workdir, roots, helper_ident, workdir_dev))
 
     def started() -> None:
         emit({"kind": "started", **info})
@@ -275,7 +283,7 @@ def _io(job: dict, emit, install, started, workdir: str, devnull: int) -> None:
             except BaseException as exc:  # noqa: BLE001
                 arm(False)
                 return emit({"kind": "test", "i": i, "status": "failed",
-                             "detail": f"{type(exc).__name__}: {detail_of(exc, 400)}"})
+                             "detail": detail_of(exc, 400)})
             try:
                 value = dumps(got, default=_plain)
             except BaseException as exc:  # noqa: BLE001 - a value JSON cannot hold is a wrong answer
@@ -316,7 +324,7 @@ def _io(job: dict, emit, install, started, workdir: str, devnull: int) -> None:
             if exc.code not in (None, 0):
                 status, detail = "failed", f"SystemExit({exc.code!r})"
         except BaseException as exc:  # noqa: BLE001
-            status, detail = "failed", f"{type(exc).__name__}: {detail_of(exc, 400)}"
+            status, detail = "failed", detail_of(exc, 400)
         finally:
             arm(False)
             try:

@@ -73,6 +73,7 @@ class SandboxLimits:
     isolation: str = "auto"  # "auto" (namespaces where the machine allows them) | "namespaces" | "none"
     seccomp: bool = True
     site_packages: bool = False  # show the interpreter's site-packages (read-only) besides the standard library
+    audit_hook: bool = True  # False only to test the OS layers on their own (tests/test_eval_sandbox_os.py)
 
     def child_limits(self) -> dict:
         cpu = self.cpu_s if self.cpu_s is not None else self.timeout_s
@@ -192,8 +193,10 @@ class _ProgramJudge:
     def result(self) -> dict | None:
         if self.passed:
             return {"status": "passed"}
-        if self.failure is not None:
-            return {"status": str(self.failure.get("status", "failed")), "detail": str(self.failure.get("detail", ""))}
+        if self.failure is not None:  # a record only ever describes a failure (the sample can write records too)
+            status = self.failure.get("status")
+            return {"status": status if status in ("failed", "blocked") else "failed",
+                    "detail": str(self.failure.get("detail", ""))[:2000]}
         return None
 
 
@@ -265,7 +268,8 @@ def _run(job: dict, limits: SandboxLimits, mode: str | None = None, judge=None) 
     secret_r, secret_w = os.pipe()
     os.write(secret_w, secret.encode())
     os.close(secret_w)
-    payload = json.dumps({**job, "nonce": nonce, "secret_fd": secret_r, "limits": limits.child_limits()}).encode()
+    payload = json.dumps({**job, "nonce": nonce, "secret_fd": secret_r, "limits": limits.child_limits(),
+                          "audit_hook": limits.audit_hook}).encode()
     cmd = [sys.executable, "-I", "-S", "-B", str(LAUNCHER), json.dumps(cfg)]
     proc = None
     t0 = time.monotonic()

@@ -120,6 +120,13 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             out.append(c)
         return "/" + _join("/", out)
 
+    def fdev(fstat, fd, _oserror=OSError):
+        """st_dev of an open descriptor, or -2 when it is not open."""
+        try:
+            return fstat(fd).st_dev
+        except _oserror:
+            return -2
+
     def hook(event, args, _workdir=workdir, _roots=roots, _devs=frozenset(DEV_NODES), _helper=helper_ident,
              _ident=_thread.get_ident, _blocked=BLOCKED_EVENTS, _imports=BLOCKED_IMPORTS,
              _protected=PROTECTED_ATTRS, _writes=tuple(WRITE_EVENTS.items()), _write_names=frozenset(WRITE_EVENTS),
@@ -127,7 +134,7 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
              _norm=norm, _resolve=resolve, _type=type, _int=int, _str=str, _len=len, _stat=os.stat,
              _fstat=os.fstat, _wflags=write_flags, _dflags=dir_flags, _ifmt=0o170000, _ifdir=0o040000,
              _dev=workdir_dev, _me=os.getpid(), _oserror=OSError, _refused=_Refused, _isinstance=isinstance,
-             _add=int.__add__, _rfind=str.rfind):
+             _add=int.__add__, _rfind=str.rfind, _fdev=fdev):
         if _helper is not None and _ident() == _helper:
             raise _refused("sandbox: nothing is allowed in the verdict thread")
         if event in _blocked or event.startswith("ctypes."):
@@ -180,7 +187,7 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             return
         if event == "os.chdir":
             if args and _isinstance(args[0], _int):
-                if _dev < 0 or _fstat(_add(args[0], 0)).st_dev != _dev:
+                if _dev < 0 or _fdev(_fstat, _add(args[0], 0)) != _dev:
                     raise _refused("sandbox: fchdir is not allowed")
                 return
             full = _resolve(_norm(args[0]))
@@ -205,6 +212,8 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
                     pos = p
                     break
             dir_fd = args[pos] if 0 <= pos < _len(args) else None
+            if dir_fd == -1:  # CPython passes -1 for "no dir_fd"
+                dir_fd = None
             p = args[0] if args else None
             if event == "shutil.unpack_archive" or event == "shutil.make_archive":
                 p = args[0] if event == "shutil.make_archive" else (args[1] if _len(args) > 1 else None)
@@ -213,12 +222,12 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             if p is None:
                 return
             if _isinstance(p, _int):
-                if _dev < 0 or _fstat(_add(p, 0)).st_dev != _dev:
+                if _dev < 0 or _fdev(_fstat, _add(p, 0)) != _dev:
                     raise _refused("sandbox: " + event + " on a descriptor is not allowed")
                 return
             path = _norm(p)
             if dir_fd is not None:
-                if _dev < 0 or not _isinstance(dir_fd, _int) or _fstat(_add(dir_fd, 0)).st_dev != _dev:
+                if _dev < 0 or not _isinstance(dir_fd, _int) or _fdev(_fstat, _add(dir_fd, 0)) != _dev:
                     raise _refused("sandbox: " + event + " with dir_fd is not allowed")
                 if not path.startswith("/"):
                     return  # relative to a directory on the working directory's own file system
@@ -233,7 +242,7 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
                     fds = f
                     break
             for pos in fds:
-                if 0 <= pos < _len(args) and args[pos] is not None:
+                if 0 <= pos < _len(args) and args[pos] is not None and args[pos] != -1:
                     raise _refused("sandbox: " + event + " with dir_fd is not allowed")
             paths = []
             for i in (0, 1):
