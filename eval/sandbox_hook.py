@@ -7,17 +7,17 @@ change what it does:
 - every name the hook and its two helpers use is a default argument bound at build time (C functions, frozensets,
   strings): no globals, no closures (``tests/test_eval_sandbox_attacks.py`` checks the bytecode), so patching
   ``os``, ``posixpath`` or builtins changes nothing here, and replacing the helpers' defaults or code is refused;
-- paths are copied to exact ``str`` before they are checked (a ``str`` subclass cannot lie about its value) and
-  anything else (os.PathLike objects, whose ``__fspath__`` could answer differently the second time) is refused;
+- paths are copied to exact ``str`` before they are checked (a ``str`` subclass cannot lie about its value; the
+  os-level events receive paths already converted by CPython, so ``__fspath__`` cannot answer twice);
 - symlinks are resolved with ``os.lstat``/``os.readlink`` captured at build time.
 
 What it refuses: new processes and exec (fork, spawn, system, subprocess, ``_posixsubprocess``), ctypes and the
 test/sub-interpreter C modules, sockets, signals to other processes, raising rlimits, new audit hooks, trace and
 profile functions, other threads' frames (``sys._current_frames``) and gc's object walks, building code objects or
-unmarshalling bytecode, any audited event in the verdict thread, writes, deletes, renames, mode changes outside the
+unmarshalling bytecode, changing the hook's helper functions, any audited event in the verdict thread, writes, deletes, renames, mode changes outside the
 working directory, reads outside the working directory and the read-only view (the interpreter's library and the
 shared libraries), directory descriptors and ``chdir`` outside the working directory, and ``dir_fd`` arguments
-unless the descriptor lies on the working directory's own file system.
+whose descriptor is not inside the working directory.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ BLOCKED_IMPORTS = frozenset({
     "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testimportmultiple", "_testsinglephase",
     "_xxtestfuzz", "_testclinic",
 })
-PROTECTED_ATTRS = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
 # one path that is written / changed (first argument), with the position of a dir_fd argument (or -1)
 WRITE_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 2, "os.chmod": 2, "os.chown": 3, "os.utime": 3,
                 "os.truncate": -1, "os.setxattr": -1, "os.removexattr": -1, "os.chflags": -1, "os.lchflags": -1,
@@ -72,8 +71,9 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
     dir_flags = os.O_DIRECTORY | getattr(os, "O_PATH", 0)
 
     def norm(p, _type=type, _str=str, _bytes=bytes, _isinstance=isinstance, _join=str.join,
-             _decode=bytes.decode, _refused=_Refused):
-        """An exact str path (copied from str/bytes and their subclasses); refuses anything else."""
+             _decode=bytes.decode, _refused=_Refused, _fspath=os.fspath):
+        """An exact str path (copied from str/bytes and their subclasses). os.PathLike objects reach the hook only
+        through Python-level events (shutil's), whose os calls are audited again with the converted path."""
         t = _type(p)
         if t is _str:
             return p
@@ -83,6 +83,11 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             return _join("", (p,))
         if _isinstance(p, _bytes):
             return _decode(_bytes(p), "utf-8", "surrogateescape")
+        q = _fspath(p)
+        if _isinstance(q, _str):
+            return _join("", (q,))
+        if _isinstance(q, _bytes):
+            return _decode(_bytes(q), "utf-8", "surrogateescape")
         raise _refused("sandbox: file paths must be str or bytes here")
 
     def resolve(path, base=None, _getcwd=os.getcwd, _lstat=os.lstat, _readlink=os.readlink, _len=len,
@@ -120,21 +125,26 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             out.append(c)
         return "/" + _join("/", out)
 
-    def fdev(fstat, fd, _oserror=OSError):
-        """st_dev of an open descriptor, or -2 when it is not open."""
+    def fd_inside(fd, _dev=workdir_dev, _workdir=workdir, _fstat=os.fstat, _readlink=os.readlink, _str=str,
+                  _oserror=OSError):
+        """Whether an open descriptor lies in the working directory: on its own file system (namespaces: a tmpfs),
+        else by the kernel's name for it in /proc/self/fd."""
         try:
-            return fstat(fd).st_dev
+            if _dev >= 0:
+                return _fstat(fd).st_dev == _dev
+            target = _readlink("/proc/self/fd/" + _str(fd))
         except _oserror:
-            return -2
+            return False
+        return target == _workdir or target.startswith(_workdir + "/")
 
     def hook(event, args, _workdir=workdir, _roots=roots, _devs=frozenset(DEV_NODES), _helper=helper_ident,
              _ident=_thread.get_ident, _blocked=BLOCKED_EVENTS, _imports=BLOCKED_IMPORTS,
-             _protected=PROTECTED_ATTRS, _writes=tuple(WRITE_EVENTS.items()), _write_names=frozenset(WRITE_EVENTS),
+             _writes=tuple(WRITE_EVENTS.items()), _write_names=frozenset(WRITE_EVENTS),
              _twos=tuple(TWO_PATH_EVENTS.items()), _two_names=frozenset(TWO_PATH_EVENTS), _reads=READ_EVENTS,
              _norm=norm, _resolve=resolve, _type=type, _int=int, _str=str, _len=len, _stat=os.stat,
              _fstat=os.fstat, _wflags=write_flags, _dflags=dir_flags, _ifmt=0o170000, _ifdir=0o040000,
              _dev=workdir_dev, _me=os.getpid(), _oserror=OSError, _refused=_Refused, _isinstance=isinstance,
-             _add=int.__add__, _rfind=str.rfind, _fdev=fdev):
+             _add=int.__add__, _rfind=str.rfind, _fd_inside=fd_inside):
         if _helper is not None and _ident() == _helper:
             raise _refused("sandbox: nothing is allowed in the verdict thread")
         if event in _blocked or event.startswith("ctypes."):
@@ -144,8 +154,8 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
                 raise _refused("sandbox: importing " + _norm(args[0]) + " is not allowed")
             return
         if event == "object.__setattr__" or event == "object.__delattr__":
-            if _len(args) > 1 and _isinstance(args[1], _str) and _norm(args[1]) in _protected:
-                raise _refused("sandbox: changing a function's " + _norm(args[1]) + " is not allowed")
+            if args and (args[0] is _norm or args[0] is _resolve or args[0] is _fd_inside):
+                raise _refused("sandbox: changing the sandbox's functions is not allowed")
             return
         if event == "os.kill":
             if args and _isinstance(args[0], _int) and _add(args[0], 0) not in (_me, 0):
@@ -187,8 +197,8 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             return
         if event == "os.chdir":
             if args and _isinstance(args[0], _int):
-                if _dev < 0 or _fdev(_fstat, _add(args[0], 0)) != _dev:
-                    raise _refused("sandbox: fchdir is not allowed")
+                if not _fd_inside(_add(args[0], 0)):
+                    raise _refused("sandbox: fchdir outside the working directory is not allowed")
                 return
             full = _resolve(_norm(args[0]))
             if not (full == _workdir or full.startswith(_workdir + "/")):
@@ -222,15 +232,17 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             if p is None:
                 return
             if _isinstance(p, _int):
-                if _dev < 0 or _fdev(_fstat, _add(p, 0)) != _dev:
+                if not _fd_inside(_add(p, 0)):
                     raise _refused("sandbox: " + event + " on a descriptor is not allowed")
                 return
             path = _norm(p)
             if dir_fd is not None:
-                if _dev < 0 or not _isinstance(dir_fd, _int) or _fdev(_fstat, _add(dir_fd, 0)) != _dev:
-                    raise _refused("sandbox: " + event + " with dir_fd is not allowed")
+                if not _isinstance(dir_fd, _int) or not _fd_inside(_add(dir_fd, 0)):
+                    raise _refused("sandbox: " + event + " with a dir_fd outside the working directory")
                 if not path.startswith("/"):
-                    return  # relative to a directory on the working directory's own file system
+                    if _dev >= 0 or ".." not in path.split("/"):
+                        return  # relative to a directory inside the working directory
+                    raise _refused("sandbox: '..' with dir_fd is not allowed")
             full = _resolve(path)
             if not (full == _workdir or full.startswith(_workdir + "/")):
                 raise _refused("sandbox: " + event + " on " + full + " (outside the working directory)")

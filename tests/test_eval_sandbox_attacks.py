@@ -252,13 +252,53 @@ def test_patching_path_functions_does_not_open_the_hook(tmp_path):
     "import ctypes\n",
     "import _xxsubinterpreters\n_xxsubinterpreters.create()\n",
     "import _posixsubprocess\n",
-    "def f(a=1):\n    return a\nf.__defaults__ = (2,)\n",
     "import os\nos.kill(1, 9)\n",
     "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (-1, -1))\n",
 ])
 def test_introspection_and_escape_hatches_are_refused(code):
     for r in both(code):
         assert r.status == "blocked", (code, r)
+
+
+def test_the_hook_helpers_cannot_be_changed_from_a_signal_handler(tmp_path):
+    # a signal handler gets the interrupted frame: when that is the hook's, its helpers are within reach
+    target = tmp_path / "escaped.txt"
+    code = (
+        "import signal, json\n"
+        "hits = {'frames': 0, 'changed': 0, 'refused': 0}\n"
+        "def h(sig, frame):\n"
+        "    f = frame\n"
+        "    while f is not None:\n"
+        "        loc = f.f_locals\n"
+        "        if '_resolve' in loc:\n"
+        "            hits['frames'] += 1\n"
+        "            for name in ('_norm', '_resolve', '_fd_inside'):\n"
+        "                fn = loc.get(name)\n"
+        "                try:\n"
+        "                    fn.__defaults__ = tuple('/' for _ in fn.__defaults__)\n"
+        "                    hits['changed'] += 1\n"
+        "                except PermissionError:\n"
+        "                    hits['refused'] += 1\n"
+        "        f = f.f_back\n"
+        "signal.signal(signal.SIGALRM, h)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)\n"
+        "for i in range(20000):\n"
+        "    try:\n"
+        "        open('f%d' % (i % 10), 'w').close()\n"
+        "    except PermissionError:\n"
+        "        pass\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0)\n"
+        "try:\n"
+        f"    open({str(target)!r}, 'w').write('x')\n"
+        "    wrote = True\n"
+        "except OSError:\n"
+        "    wrote = False\n"
+        "raise SystemExit('RESULT ' + json.dumps([hits, wrote]))\n"
+    )
+    r = run_program(code, SandboxLimits(timeout_s=10, isolation="none"))  # the hook is the only layer here
+    hits, wrote = json.loads(r.detail.split("RESULT ", 1)[1].rsplit("'", 1)[0])
+    assert hits["frames"] > 0, hits  # the handler did reach the hook's frame
+    assert hits["changed"] == 0 and not wrote and not target.exists(), (hits, r)
 
 
 def test_a_sample_cannot_add_its_own_audit_hook():
