@@ -264,7 +264,7 @@ def _run(job: dict, limits: SandboxLimits, mode: str | None = None, judge=None) 
     os.mkdir(work, 0o700)
     os.mkdir(newroot, 0o700)
     cfg = {"isolation": mode, "newroot": newroot, "workdir_mb": limits.workdir_mb,
-           "site_packages": limits.site_packages, "seccomp": limits.seccomp}
+           "site_packages": limits.site_packages, "seccomp": limits.seccomp, "parent": os.getpid()}
     secret_r, secret_w = os.pipe()
     os.write(secret_w, secret.encode())
     os.close(secret_w)

@@ -294,7 +294,8 @@ def _map_helper(target_pid: int) -> tuple[int, int, int]:
     return pid, req_w, ack_r
 
 
-def isolate(newroot: str, lib_dirs: list[str], plain: list[str], exec_files: list[str], size_mb: int = 64) -> dict:
+def isolate(newroot: str, lib_dirs: list[str], plain: list[str], exec_files: list[str], size_mb: int = 64,
+            parent: int = 0) -> dict:
     """Enter the namespaces and the private root; returns (in the runner process) a description.
 
     Raises IsolationError/OSError before any fork into the new PID namespace when the machine does not allow it;
@@ -340,6 +341,9 @@ def isolate(newroot: str, lib_dirs: list[str], plain: list[str], exec_files: lis
     os.setresuid(0, 0, 0)
     _drop_capabilities()
     info = {"isolation": "namespaces", "host_uid": HOST_UID if mapped else euid, "workdir": SANDBOX_DIR}
+    _prctl(PR_SET_PDEATHSIG, 9)  # the uid change above cleared it: die with the harness again
+    if parent and os.getppid() != parent:
+        os._exit(1)
     _fork_into_pid_namespace()
     return info
 
@@ -448,7 +452,7 @@ def guard_process(use_seccomp: bool = True) -> dict:
     """No new privileges and (where the architecture is known) the seccomp filter; both survive ``execve``.
     Returns what was applied."""
     applied = {"seccomp": False}
-    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
+    if not sys.platform.startswith("linux") or _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         return applied
     prog = seccomp_program() if use_seccomp else None
     if prog is None:
@@ -494,9 +498,13 @@ def _payload_fd(data: bytes) -> int:
 
 def main(argv: list[str]) -> None:
     """CONFIG_JSON: {"isolation": "namespaces"|"none", "newroot": DIR, "workdir_mb": N, "site_packages": bool,
-    "seccomp": bool}. stdin (the job), stdout (the record channel), stderr and the secret's descriptor pass
+    "seccomp": bool, "parent": the harness's pid}. stdin (the job), stdout (the record channel), stderr and the secret's descriptor pass
     through to the runner."""
     cfg = json.loads(argv[1])
+    if sys.platform.startswith("linux"):  # die with the harness (the thread that started us), not after it
+        _prctl(PR_SET_PDEATHSIG, 9)
+        if cfg.get("parent") and os.getppid() != cfg["parent"]:
+            os._exit(1)
     sources = {}
     for key, name in (("child", "_sandbox_child.py"), ("hook", "sandbox_hook.py")):
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
@@ -510,7 +518,7 @@ def main(argv: list[str]) -> None:
         try:
             loader = elf_interpreter(python)
             info = isolate(cfg["newroot"], lib_dirs, plain, [python] + ([loader] if loader else []),
-                           int(cfg.get("workdir_mb", 64)))
+                           int(cfg.get("workdir_mb", 64)), int(cfg.get("parent") or 0))
         except Exception as exc:  # noqa: BLE001 - told to the harness, which then runs without namespaces
             os.write(1, ("IDLM-SANDBOX-SETUP " + json.dumps(
                 {"error": f"{type(exc).__name__}: {exc}"}) + "\n").encode())

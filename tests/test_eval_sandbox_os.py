@@ -198,6 +198,31 @@ def test_a_timeout_kills_the_whole_namespace():
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("isolation", ["none", pytest.param("auto", marks=needs_namespaces)])
+def test_the_sandbox_dies_with_the_harness(isolation, tmp_path):
+    # a harness killed with SIGKILL cannot clean up: the launcher's parent-death signal has to
+    token = "tok" + uuid.uuid4().hex
+    code = f"import os, time\nos.mkdir({token!r})\nos.chdir({token!r})\ntime.sleep(60)\n"
+    harness = ("from idlm.eval.sandbox import SandboxLimits, run_program\n"
+               f"run_program({code!r}, SandboxLimits(timeout_s=30, isolation={isolation!r}))\n")
+    p = subprocess.Popen([sys.executable, "-c", harness], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not _pids_with_cwd_token(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pids_with_cwd_token(token), "the sample never started"
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 3
+        while _pids_with_cwd_token(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pids_with_cwd_token(token) == []
+    finally:
+        p.kill()
+        for pid in _pids_with_cwd_token(token):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_without_namespaces_the_fallback_is_logged_and_still_guarded(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(sandbox, "_PROBE", {})
     monkeypatch.setenv("IDLM_SANDBOX_NO_NAMESPACES", "1")
