@@ -272,7 +272,8 @@ def _io(job: dict, emit, install, started, workdir: str, devnull: int) -> None:
             return emit({"kind": "setup", "status": "failed",
                          "detail": f"Solution().{fn_name}: {type(exc).__name__}: {detail_of(exc, 300)}"})
         if target is None:
-            return emit({"kind": "setup", "status": "failed", "detail": f"no Solution.{fn_name} or {fn_name}() defined"})
+            return emit({"kind": "setup", "status": "failed",
+                         "detail": f"no Solution.{fn_name} or {fn_name}() defined"})
         for i, args in enumerate(inputs):
             try:
                 arm(True)

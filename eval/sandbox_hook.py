@@ -14,10 +14,10 @@ change what it does:
 What it refuses: new processes and exec (fork, spawn, system, subprocess, ``_posixsubprocess``), ctypes and the
 test/sub-interpreter C modules, sockets, signals to other processes, raising rlimits, new audit hooks, trace and
 profile functions, other threads' frames (``sys._current_frames``) and gc's object walks, building code objects or
-unmarshalling bytecode, changing the hook's helper functions, any audited event in the verdict thread, writes, deletes, renames, mode changes outside the
-working directory, reads outside the working directory and the read-only view (the interpreter's library and the
-shared libraries), directory descriptors and ``chdir`` outside the working directory, and ``dir_fd`` arguments
-whose descriptor is not inside the working directory.
+unmarshalling bytecode, changing the hook's helper functions, any audited event in the verdict thread, writes,
+deletes, renames, mode changes outside the working directory, reads outside the working directory and the read-only
+view (the interpreter's library and the shared libraries), directory descriptors and ``chdir`` outside the working
+directory, and ``dir_fd`` arguments whose descriptor is not inside the working directory.
 """
 
 from __future__ import annotations
@@ -137,13 +137,15 @@ def build_hook(workdir: str, read_roots: tuple[str, ...] | list[str], helper_ide
             return False
         return target == _workdir or target.startswith(_workdir + "/")
 
+    writes, twos, me = tuple(WRITE_EVENTS.items()), tuple(TWO_PATH_EVENTS.items()), os.getpid()
+
     def hook(event, args, _workdir=workdir, _roots=roots, _devs=frozenset(DEV_NODES), _helper=helper_ident,
              _ident=_thread.get_ident, _blocked=BLOCKED_EVENTS, _imports=BLOCKED_IMPORTS,
-             _writes=tuple(WRITE_EVENTS.items()), _write_names=frozenset(WRITE_EVENTS),
-             _twos=tuple(TWO_PATH_EVENTS.items()), _two_names=frozenset(TWO_PATH_EVENTS), _reads=READ_EVENTS,
+             _writes=writes, _write_names=frozenset(WRITE_EVENTS),
+             _twos=twos, _two_names=frozenset(TWO_PATH_EVENTS), _reads=READ_EVENTS,
              _norm=norm, _resolve=resolve, _type=type, _int=int, _str=str, _len=len, _stat=os.stat,
              _fstat=os.fstat, _wflags=write_flags, _dflags=dir_flags, _ifmt=0o170000, _ifdir=0o040000,
-             _dev=workdir_dev, _me=os.getpid(), _oserror=OSError, _refused=_Refused, _isinstance=isinstance,
+             _dev=workdir_dev, _me=me, _oserror=OSError, _refused=_Refused, _isinstance=isinstance,
              _add=int.__add__, _rfind=str.rfind, _fd_inside=fd_inside):
         if _helper is not None and _ident() == _helper:
             raise _refused("sandbox: nothing is allowed in the verdict thread")

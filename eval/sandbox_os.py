@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import json
+import os
 import select
 import struct
 import sys
@@ -498,8 +498,8 @@ def _payload_fd(data: bytes) -> int:
 
 def main(argv: list[str]) -> None:
     """CONFIG_JSON: {"isolation": "namespaces"|"none", "newroot": DIR, "workdir_mb": N, "site_packages": bool,
-    "seccomp": bool, "parent": the harness's pid}. stdin (the job), stdout (the record channel), stderr and the secret's descriptor pass
-    through to the runner."""
+    "seccomp": bool, "parent": the harness's pid}. stdin (the job), stdout (the record channel), stderr and the
+    secret's descriptor pass through to the runner."""
     cfg = json.loads(argv[1])
     if sys.platform.startswith("linux"):  # die with the harness (the thread that started us), not after it
         _prctl(PR_SET_PDEATHSIG, 9)

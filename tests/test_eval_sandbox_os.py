@@ -89,7 +89,9 @@ def test_no_capabilities_and_no_network_even_without_seccomp():
     try:
         code = (
             "import os, socket\n"
-            "for call in (lambda: os.setuid(1), lambda: os.chroot('/sandbox'), lambda: os.mknod('n', 0o600 | 0o020000, 0x0103)):\n"
+            "calls = (lambda: os.setuid(1), lambda: os.chroot('/sandbox'),\n"
+            "         lambda: os.mknod('n', 0o600 | 0o020000, 0x0103))\n"
+            "for call in calls:\n"
             "    try:\n"
             "        call()\n"
             "    except OSError:\n"
