@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,3 +33,12 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     build_tiny_model(path, arch="llama", free_rows=0, tie=True, seed=1)
     return str(path)
+
+
+@pytest.fixture()
+def fake_idlm_model(tmp_path):
+    """A directory that looks like an I-DLM checkpoint to the launcher's pre-checks (config.json only)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3", "idlm": {"mask_token_id": 5, "stride": 2}}))
+    return str(d)

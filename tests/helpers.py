@@ -35,3 +35,12 @@ def random_batch(rows: list[tuple[int, int, int]], vocab: int, seed: int = 0, le
         lab[:p] = IGNORE_INDEX
         labels[i, sl] = lab
     return ids, labels, mask
+
+
+def write_recipe(tmp_path, body: dict) -> str:
+    """``body`` as a recipe YAML file in ``tmp_path``; returns its path."""
+    import yaml
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return str(p)

@@ -12,27 +12,13 @@ from idlm.errors import UserError
 from idlm.training.data import load_chat_jsonl
 from idlm.training.datacheck import OPENAI_STYLE, SHAREGPT_DEFAULTS, check_dataset_dir, check_file
 from idlm.training.recipe import PLAN_FILE
+from tests.helpers import write_recipe
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "What is 1 plus 2?"},
                                 {"role": "assistant", "content": "3"}]}).encode()
 
 
 
-@pytest.fixture()
-def fake_idlm_model(tmp_path):
-    """A directory that looks like an I-DLM checkpoint to the launcher's pre-checks (config.json only)."""
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3", "idlm": {"mask_token_id": 5, "stride": 2}}))
-    return str(d)
-
-
-def _recipe(tmp_path, body: dict) -> str:
-    import yaml
-
-    p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump(body))
-    return str(p)
 
 
 # (bad row as bytes, words of the error)
@@ -71,7 +57,7 @@ def test_native_loader_names_file_and_row(tmp_path, name):
 def test_train_preflight_names_file_and_row(tmp_path, fake_idlm_model, capsys, name):
     bad, words = HOSTILE_ROWS[name]
     f = _jsonl(tmp_path, bad)
-    recipe = _recipe(tmp_path, {"model_name_or_path": fake_idlm_model, "train_file": str(f), "stride": 2,
+    recipe = write_recipe(tmp_path, {"model_name_or_path": fake_idlm_model, "train_file": str(f), "stride": 2,
                                 "output_dir": str(tmp_path / "out")})
     rc = cli_main(["train", recipe])
     err = capsys.readouterr().err.strip().splitlines()

@@ -15,6 +15,7 @@ from idlm.training.ckpt import COMMIT_FILE, committed_checkpoint, truncate_log
 from idlm.training.datacheck import check_dataset_dir, prepare_train_file, read_pretokenized
 from idlm.training.launch import stage_command, worker_env
 from idlm.training.recipe import PLAN_FILE, Plan, resolve_recipe
+from tests.helpers import write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/train/tiny_cpu.yaml"
@@ -22,21 +23,6 @@ Q8B = REPO / "configs/train/qwen3_8b_idlm.yaml"
 GOOD = {"messages": [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": "3"}]}
 
 
-@pytest.fixture()
-def fake_idlm_model(tmp_path):
-    """A directory that looks like an I-DLM checkpoint to the launcher's pre-checks (config.json only)."""
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen3", "idlm": {"mask_token_id": 5, "stride": 2}}))
-    return str(d)
-
-
-def _recipe(tmp_path, body: dict) -> str:
-    import yaml
-
-    p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump(body))
-    return str(p)
 
 
 def test_tiny_recipe_resolves_into_two_stages(fake_idlm_model, tmp_path):
@@ -100,7 +86,7 @@ def test_recipe_errors(tmp_path, fake_idlm_model, change, needle):
         else:
             body[k] = v
     with pytest.raises(UserError, match=needle):
-        resolve_recipe(_recipe(tmp_path, body))
+        resolve_recipe(write_recipe(tmp_path, body))
 
 
 def _run_cli(args, capsys):
@@ -120,7 +106,7 @@ def _run_cli(args, capsys):
 def test_malformed_train_file_row_stops_with_file_and_row(tmp_path, fake_idlm_model, capsys, bad, needle):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps(GOOD) + "\n\n" + bad + "\n" + json.dumps(GOOD) + "\n")
-    recipe = _recipe(tmp_path, {"model_name_or_path": fake_idlm_model, "train_file": str(data), "stride": 2,
+    recipe = write_recipe(tmp_path, {"model_name_or_path": fake_idlm_model, "train_file": str(data), "stride": 2,
                                 "output_dir": str(tmp_path / "out")})
     rc, err = _run_cli([recipe], capsys)
     assert rc == 2 and len(err) == 1
@@ -144,7 +130,7 @@ def test_malformed_dataset_dir_row(tmp_path, fake_idlm_model, capsys, formatting
         (d / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         where, needle = f"{d / 'd.jsonl'} row 2", "turn 0 has role 'gpt'"
     (d / "dataset_info.json").write_text(json.dumps(info))
-    recipe = _recipe(tmp_path, {"model_name_or_path": fake_idlm_model, "dataset": "mine", "dataset_dir": str(d),
+    recipe = write_recipe(tmp_path, {"model_name_or_path": fake_idlm_model, "dataset": "mine", "dataset_dir": str(d),
                                 "stride": 2, "output_dir": str(tmp_path / "out")})
     rc, err = _run_cli([recipe], capsys)
     assert rc == 2 and len(err) == 1 and where in err[0] and needle in err[0], err
