@@ -44,3 +44,40 @@ def write_recipe(tmp_path, body: dict) -> str:
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(body))
     return str(p)
+
+
+def pids_with_cwd_token(token: str) -> list[int]:
+    """Processes (of any session) whose working directory's path contains ``token``: how the sandbox tests find
+    what a sample left running."""
+    import os
+
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if token in os.readlink(f"/proc/{pid}/cwd"):
+                    out.append(int(pid))
+            except OSError:
+                continue
+    return out
+
+
+def leftovers(token: str, wait_s: float = 1.5) -> list[int]:
+    """The processes marked by ``token`` still alive after up to ``wait_s`` seconds; they are killed before
+    returning, whatever the test then asserts."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        pids = pids_with_cwd_token(token)
+        if not pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return pids

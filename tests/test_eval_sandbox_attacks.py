@@ -7,7 +7,6 @@ from __future__ import annotations
 import dis
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from idlm.eval import sandbox_hook
 from idlm.eval.sandbox import SandboxLimits, namespaces_available, run_io_tests, run_program
+from tests.helpers import leftovers
 
 FAST = SandboxLimits(timeout_s=3, memory_mb=512)
 FALLBACK = SandboxLimits(timeout_s=3, memory_mb=512, isolation="none")
@@ -163,33 +163,6 @@ def test_lcb_expected_outputs_never_enter_the_sandbox():
 
 
 # ---------------------------------------------------------------------------------------------- escapes
-def _pids_with_cwd_token(token: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if token in os.readlink(f"/proc/{pid}/cwd"):
-                    out.append(int(pid))
-            except OSError:
-                continue
-    return out
-
-
-def _leftovers(token: str, wait_s: float = 1.5) -> list[int]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        pids = _pids_with_cwd_token(token)
-        if not pids or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    for pid in pids:  # do not leave them running whatever the outcome
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return pids
-
-
 def test_spawnv_passfds_runs_nothing_and_leaves_nothing_alive(tmp_path):
     # multiprocessing.util.spawnv_passfds -> _posixsubprocess.fork_exec raises no audit event: the old sandbox ran
     # sh (as root) and a setsid'd child outlived it
@@ -205,7 +178,7 @@ def test_spawnv_passfds_runs_nothing_and_leaves_nothing_alive(tmp_path):
     for r in both(code):
         assert not r.passed, r
         assert not marker.exists()
-        assert _leftovers(token) == []
+        assert leftovers(token) == []
 
 
 def test_chdir_and_relative_paths_cannot_write_outside(tmp_path):

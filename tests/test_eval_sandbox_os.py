@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from idlm.eval import sandbox
 from idlm.eval.sandbox import SandboxLimits, namespaces_available, run_program
 from idlm.eval.sandbox_os import seccomp_program
+from tests.helpers import leftovers, pids_with_cwd_token
 
 REPO = Path(__file__).resolve().parents[1]
 needs_namespaces = pytest.mark.skipif(not namespaces_available()[0], reason="no namespaces on this machine")
@@ -138,18 +138,6 @@ def test_seccomp_refuses_new_processes_and_inet_sockets(isolation):
     assert r.seccomp
 
 
-def _pids_with_cwd_token(token: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if token in os.readlink(f"/proc/{pid}/cwd"):
-                    out.append(int(pid))
-            except OSError:
-                continue
-    return out
-
-
 @needs_namespaces
 def test_the_pid_namespace_takes_setsid_grandchildren_down():
     # fork allowed here (no seccomp, no hook): a grandchild in its own session outlives its parent; the namespace's
@@ -168,13 +156,9 @@ def test_the_pid_namespace_takes_setsid_grandchildren_down():
     )
     try:
         check(code, bare(seccomp=False))
-        deadline = time.monotonic() + 2
-        while _pids_with_cwd_token(token) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _pids_with_cwd_token(token) == []
+        assert leftovers(token, 2.0) == []
     finally:
-        for pid in _pids_with_cwd_token(token):
-            os.kill(pid, signal.SIGKILL)
+        leftovers(token, 0.0)
 
 
 @needs_namespaces
@@ -191,13 +175,9 @@ def test_a_timeout_kills_the_whole_namespace():
     try:
         r = run_program(code, SandboxLimits(timeout_s=0.5, wall_s=1.0, audit_hook=False, seccomp=False))
         assert r.status == "timeout", r
-        deadline = time.monotonic() + 2
-        while _pids_with_cwd_token(token) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _pids_with_cwd_token(token) == []
+        assert leftovers(token, 2.0) == []
     finally:
-        for pid in _pids_with_cwd_token(token):
-            os.kill(pid, signal.SIGKILL)
+        leftovers(token, 0.0)
 
 
 @pytest.mark.parametrize("isolation", ["none", pytest.param("auto", marks=needs_namespaces)])
@@ -210,19 +190,15 @@ def test_the_sandbox_dies_with_the_harness(isolation, tmp_path):
     p = subprocess.Popen([sys.executable, "-c", harness], cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
-        while not _pids_with_cwd_token(token) and time.monotonic() < deadline:
+        while not pids_with_cwd_token(token) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _pids_with_cwd_token(token), "the sample never started"
+        assert pids_with_cwd_token(token), "the sample never started"
         p.kill()
         p.wait()
-        deadline = time.monotonic() + 3
-        while _pids_with_cwd_token(token) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _pids_with_cwd_token(token) == []
+        assert leftovers(token, 3.0) == []
     finally:
         p.kill()
-        for pid in _pids_with_cwd_token(token):
-            os.kill(pid, signal.SIGKILL)
+        leftovers(token, 0.0)
 
 
 def test_without_namespaces_the_fallback_is_logged_and_still_guarded(monkeypatch, caplog, tmp_path):
