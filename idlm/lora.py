@@ -216,3 +216,12 @@ def save_gated_lora(
     meta = GatedLoRAConfig(mask_token_id=mask_token_id, stride=stride, base_model=base_name)
     meta.save(out)
     return meta
+
+
+def mask_row_of_token(tokenizer, token: str) -> int:
+    """The id of ``token`` as one token of ``tokenizer``: the MASK input of a gated LoRA given by name (for a base
+    without a free embedding row, a rarely used special token)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        raise UserError(f"mask_token {token!r} is not a token of the base tokenizer")
+    return tid

@@ -92,6 +92,15 @@ class Teacher:
 
     model: torch.nn.Module
 
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype, device) -> Teacher:
+        """The teacher from a checkpoint: eval mode, no gradients, on ``device``. It is not part of the trained
+        model, so neither DDP nor DeepSpeed wraps or shards it (each rank holds a copy)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        return cls(model.to(device).eval().requires_grad_(False))
+
     @torch.no_grad()
     def hidden_states(self, inputs: IDLMInputs) -> torch.Tensor:
         """Final-norm hidden states [B, L, d_t] of the teacher on the clean rows x_0 of ``inputs``."""

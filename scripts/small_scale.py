@@ -71,18 +71,20 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None
     raise SystemExit(f"server at {url} not healthy after {timeout:.0f} s")
 
 
+def gsm8k_tpf(r: dict) -> float:
+    """Greedy GSM8K TPF of a run's eval.json at the largest stride it measured."""
+    isd = r["converted"]["isd"]
+    n = max(int(k.rsplit("_n", 1)[1]) for k in isd if k.startswith("gsm8k_greedy_n"))
+    return isd[f"gsm8k_greedy_n{n}"]["tpf"]
+
+
 def choose(results: dict[str, dict], targets: dict) -> str:
     """The run to serve: highest greedy GSM8K TPF at the largest stride among the runs within both quality targets,
     else the run with the lowest KL."""
-    def tpf(r: dict) -> float:
-        isd = r["converted"]["isd"]
-        n = max(int(k.rsplit("_n", 1)[1]) for k in isd if k.startswith("gsm8k_greedy_n"))
-        return isd[f"gsm8k_greedy_n{n}"]["tpf"]
-
     ok = [n for n, r in results.items() if r["converted"]["quality"]["kl_per_token"] <= targets["kl_per_token"]
           and r["converted"]["quality"]["nll_ratio"] <= targets["nll_ratio"]]
     if ok:
-        return max(ok, key=lambda n: tpf(results[n]))
+        return max(ok, key=lambda n: gsm8k_tpf(results[n]))
     return min(results, key=lambda n: results[n]["converted"]["quality"]["kl_per_token"])
 
 
@@ -120,9 +122,7 @@ def frontier_plot(results: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
         q = r["converted"]["quality"]
-        isd = r["converted"]["isd"]
-        n = max(int(k.rsplit("_n", 1)[1]) for k in isd if k.startswith("gsm8k_greedy_n"))
-        y = isd[f"gsm8k_greedy_n{n}"]["tpf"]
+        y = gsm8k_tpf(r)
         for ax, x in ((axes[0], q["kl_per_token"]), (axes[1], 100 * (q["nll_ratio"] - 1))):
             ax.scatter([x], [y])
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -13,7 +13,6 @@ Everything is measured on held-out prompts: GSM8K test questions, and IFEval pro
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -32,30 +31,30 @@ def _sync() -> None:
 
 
 def read_gsm8k(path: str, limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` GSM8K rows (question and gold answer) of a JSONL file."""
+    from idlm.training.datacheck import iter_rows
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                    raise UserError(f"{path} row {n}: a GSM8K row needs 'question' and 'answer'")
-                rows.append(row)
-            if len(rows) >= limit:
-                break
+    for n, row in iter_rows(path):
+        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+            raise UserError(f"{path} row {n}: a GSM8K row needs 'question' and 'answer'")
+        rows.append(row)
+        if len(rows) >= limit:
+            break
     return rows
 
 
 def read_ifeval_prompts(path: str, limit: int) -> list[str]:
+    """The first ``limit`` IFEval prompts of a JSONL file."""
+    from idlm.training.datacheck import iter_rows
+
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise UserError(f"{path} row {n}: an IFEval row needs a text field 'prompt'")
-                out.append(row["prompt"])
-            if len(out) >= limit:
-                break
+    for n, row in iter_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path} row {n}: an IFEval row needs a text field 'prompt'")
+        out.append(row["prompt"])
+        if len(out) >= limit:
+            break
     return out
 
 

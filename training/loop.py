@@ -189,13 +189,12 @@ def run_loop_stage(plan, stage) -> None:
     if s.finetuning == "gated_lora":
         from peft import LoraConfig, get_peft_model
 
-        from idlm.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row
-        from idlm.training.worker import mask_token_row
+        from idlm.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row, mask_row_of_token
 
         base, tok = load_causal_lm(lf["model_name_or_path"], dtype=torch.float32, device=device,
                                    attn_implementation="sdpa")
         rows = base.get_input_embeddings().weight.shape[0]
-        mask_id = mask_token_row(tok, s.mask_token) if s.mask_token is not None else (
+        mask_id = mask_row_of_token(tok, s.mask_token) if s.mask_token is not None else (
             s.mask_token_id if s.mask_token_id is not None else free_mask_row(tok, rows))
         if mask_id is None:
             raise UserError("gated LoRA needs a MASK row: set mask_token (a rarely used token) or mask_token_id")
@@ -219,9 +218,9 @@ def run_loop_stage(plan, stage) -> None:
         cfg = IDLMConfig(mask_token_id=mask_id, stride=s.stride, objective=objective)
         teacher = None
         if objective.uses_teacher:
-            from idlm.training.worker import load_teacher
+            from idlm.objective import Teacher
 
-            teacher = load_teacher(s.teacher, torch.float32, device)
+            teacher = Teacher.load(s.teacher, torch.float32, device)
         tc = loop_config(lf, log_file)
         tc.log_tags = {"stage": s.index, "stride": s.stride}
         history = train_loop(model, tok, conversations, cfg, tc, teacher=teacher)

@@ -63,21 +63,10 @@ class GenerationSettings:
         return out
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path} row {n}: not JSON ({exc.msg})") from exc
-    return rows
-
-
 def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
     """User prompts from ``[{kind, file, limit}]`` (see the module doc), in source order, duplicates removed."""
     from idlm.eval.tasks import BOXED_SUFFIX, MBPP_TEMPLATE
+    from idlm.training.datacheck import iter_rows
 
     prompts: list[str] = []
     for src in sources:
@@ -86,20 +75,14 @@ def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
             raise UserError(f"prompt source not found: {path}")
         got: list[str] = []
         if kind == "gsm8k":
-            for n, row in _read_jsonl(path):
+            for n, row in iter_rows(path):
                 if not isinstance(row, dict) or not isinstance(row.get("question"), str):
                     raise UserError(f"{path} row {n}: a GSM8K row needs a text field 'question'")
                 got.append(row["question"] + BOXED_SUFFIX)
         elif kind == "mbpp":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"{path}: not a JSON list of MBPP tasks ({exc})") from exc
-            if not isinstance(rows, list):
-                raise UserError(f"{path}: not a JSON list of MBPP tasks")
-            for i, r in enumerate(rows):
+            for n, r in iter_rows(path):
                 if not isinstance(r, dict) or "task_id" not in r or not isinstance(r.get("test_list"), list):
-                    raise UserError(f"{path} item {i}: an MBPP task needs task_id and test_list")
+                    raise UserError(f"{path} row {n}: an MBPP task needs task_id and test_list")
                 if int(r["task_id"]) in MBPP_TEST_IDS:
                     continue
                 text = r.get("prompt") or r.get("text")
@@ -114,7 +97,7 @@ def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
                                     + (f" under '{src['field']}'" if src.get("field") else ""))
                 got = list(rows)
             else:
-                for n, row in _read_jsonl(path):
+                for n, row in iter_rows(path):
                     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                         raise UserError(f"{path} row {n}: needs a text field 'prompt'")
                     got.append(row["prompt"])

@@ -45,17 +45,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def load_teacher(path: str, dtype, device):
-    """The frozen distillation teacher (`idlm.objective.Teacher`): eval mode, no gradients, on ``device``; it is
-    not part of the trained model, so neither DDP nor DeepSpeed wraps or shards it."""
-    from transformers import AutoModelForCausalLM
-
-    from idlm.objective import Teacher
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return Teacher(model.to(device).eval().requires_grad_(False))
-
-
 def run_stage(plan_path: str, index: int, resume: str | None) -> None:
     from idlm.training.curriculum import mark_stage_done
     from idlm.training.recipe import Plan
@@ -126,7 +115,9 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
         import torch
 
         t_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-        teacher = load_teacher(s.teacher, t_dtype, training_args.device)
+        from idlm.objective import Teacher
+
+        teacher = Teacher.load(s.teacher, t_dtype, training_args.device)
         t_rows = teacher.head.weight.shape[0]
         if t_rows != inner.get_output_embeddings().weight.shape[0]:
             raise UserError(f"stage {index}: the teacher {s.teacher} has {t_rows} vocabulary rows, the model "
@@ -189,7 +180,9 @@ def _stage_config(model, tokenizer, s):
 
         mask_id = s.mask_token_id if s.mask_token_id is not None else free_mask_row(tokenizer, rows)
         if s.mask_token is not None:
-            mask_id = mask_token_row(tokenizer, s.mask_token)
+            from idlm.lora import mask_row_of_token
+
+            mask_id = mask_row_of_token(tokenizer, s.mask_token)
         if mask_id is None or not 0 <= mask_id < rows:
             raise UserError(f"gated LoRA needs a MASK embedding row: the base model has {rows} rows and its tokenizer "
                             "uses them all; set mask_token_id to a rarely used token id")
@@ -202,14 +195,6 @@ def _stage_config(model, tokenizer, s):
                         "block in config.json): convert it first with `idlm convert`")
     mask_id = s.mask_token_id if s.mask_token_id is not None else found.mask_token_id
     return IDLMConfig(mask_token_id=mask_id, stride=s.stride, objective=objective), None
-
-
-def mask_token_row(tokenizer, token: str) -> int:
-    """The id of ``token`` as one token of ``tokenizer`` (a gated-LoRA MASK input given by name)."""
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(tid, int) or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
-        raise UserError(f"mask_token {token!r} is not a token of the base tokenizer")
-    return tid
 
 
 def main(argv: list[str] | None = None) -> int:
