@@ -205,8 +205,7 @@ def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
 
     if adapters:
         st = adapters[-1].settings
-        lora_base, _ = load_causal_lm(base_dir, dtype=dtype, device=device, attn_implementation="sdpa")
-        gated, meta = load_gated_lora(lora_base, st.output_dir)
+        gated, meta = load_gated_lora(base, st.output_dir)  # the base's own AR passes are done: gate it in place
         result["adapter"] = {"model": st.output_dir, "stride": meta.stride, "isd": {}}
         for name, ids in sets.items():
             outs, dt = decode(ISDEngine(gated, tok, meta.stride, meta.mask_token_id, max_batch_size=bs), ids, greedy)
