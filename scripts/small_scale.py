@@ -6,7 +6,8 @@
 2. `idlm train RECIPE output_dir=OUT/<run> <overrides>` for every run of the sweep, all at once (one GPU holds them);
 3. the run to serve is chosen by the sweep's quality targets; `idlm serve` (native engine) serves it at the sweep's
    stride, and the base with the adapter run's gated LoRA (R-ISD); `idlm eval` scores both (greedy, --no-thinking);
-4. OUT/sweep.json gathers every run's eval.json and the scores; OUT/frontier.png plots quality loss against TPF.
+4. OUT/sweep.json gathers every run's eval.json and the scores; OUT/frontier.png plots quality loss against TPF
+   (`--plot OUT/sweep.json` draws it again, e.g. on a machine with matplotlib when the GPU image has none).
 
 ``--set`` overrides are added to every `idlm train` call (e.g. base.gguf=PATH). Each step skips what is done.
 """
@@ -143,7 +144,14 @@ def main() -> int:
     ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--plot", metavar="SWEEP_JSON", help="only draw the frontier plot of a finished sweep.json "
+                    "(beside it, as frontier.png)")
     args = ap.parse_args()
+    if args.plot:
+        path = Path(args.plot)
+        frontier_plot(json.loads(path.read_text())["runs"], path.with_name("frontier.png"))
+        log(f"wrote {path.with_name('frontier.png')}")
+        return 0
     sweep = yaml.safe_load(Path(args.sweep).read_text())
     recipe = str((ROOT / sweep["recipe"]).resolve())
     out = Path(args.out).resolve()
@@ -170,7 +178,10 @@ def main() -> int:
             results[name] = json.loads(p.read_text())
     summary: dict = {"exit_codes": codes, "runs": results, "seconds_train": round(time.time() - t0, 1)}
     if results:
-        frontier_plot(results, out / "frontier.png")
+        try:
+            frontier_plot(results, out / "frontier.png")
+        except ImportError as e:  # a GPU image without matplotlib: `--plot OUT/sweep.json` draws it elsewhere
+            log(f"no frontier plot here ({e}); draw it with --plot {out / 'sweep.json'}")
         summary["chosen"] = choose(results, sweep["targets"])
         log(f"chosen: {summary['chosen']}")
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")

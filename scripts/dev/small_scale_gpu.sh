@@ -3,10 +3,14 @@
 # uploads of limited size (the 98 MB SmolLM2 GGUF arrives in parts). Everything lives in /tmp/ss, which outlives one
 # command while the machine stays up; the sweep runs detached (setsid), so it outlives one command's time limit.
 #
-#   stash DIR          copy the files of DIR into /tmp/ss (the GGUF parts gguf.part1, gguf.part2, gguf.sha256)
-#   launch DIR         DIR holds the wheels the image lacks (transformers 5.6, llamafactory, deepspeed, ...): install
-#                      them into /tmp/ss/site, install the project, join and check the GGUF, start the sweep
-#   wait SECS DEST     wait until the sweep ends or SECS pass; print its progress; copy the results into DEST
+#   stash DIR...       copy the files of each DIR into /tmp/ss (the GGUF parts gguf.part1, gguf.part2, gguf.sha256; wheels
+#                      under DIR/extra/ go to /tmp/ss/extra)
+#   launch DIR [ARGS]  DIR holds the wheels the image lacks (scripts/dev/gpu_wheels.sh: transformers 5.6, llamafactory,
+#                      deepspeed, ...): install them into /tmp/ss/site, then each wheel of /tmp/ss/extra whose
+#                      distribution the image does not have (pyarrow, pandas, scipy, ...); install the project, join
+#                      and check the GGUF, start the sweep (ARGS go to scripts/small_scale.py)
+#   wait SECS DEST     wait until the sweep process ends or SECS pass; print its progress; copy the results into DEST
+#                      (every minute too, so a command cut short still returns what is done)
 # The benchmark files are expected in data/ (the layout of `idlm data`: gsm8k, mbpp, ifeval).
 set -uo pipefail
 S=/tmp/ss
@@ -15,6 +19,7 @@ export PYTHONPATH=$S/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VE
        TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 IDLM_NLTK_DATA=$S/nltk_data
 
 progress() {
+  tail -c 300 $S/out/prepare.log 2>/dev/null | tr '\r' '\n' | tail -2
   grep -a "small_scale \|Traceback\|error:" $S/log 2>/dev/null | tail -40
   for f in $S/out/*.log; do
     [ -f "$f" ] || continue
@@ -46,23 +51,39 @@ collect() {
 
 case "${1:-}" in
   stash)
-    mkdir -p $S && cp -r "$2"/. $S/ && ls -la $S ;;
+    shift; mkdir -p $S && for d in "$@"; do cp -r "$d"/. $S/ || exit 1; done; ls -la $S; ls $S/extra | wc -l ;;
   launch)
     mkdir -p $S/site
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S/site "$2"/*.whl \
       || exit 1
+    missing=()
+    for w in $S/extra/*.whl; do
+      [ -f "$w" ] || continue
+      dist=$(basename "$w" | cut -d- -f1)
+      python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$w")
+    done
+    echo "extra wheels installed (the image lacks them): ${#missing[@]}: $(for w in "${missing[@]}"; do basename "$w" | cut -d- -f1; done | tr '\n' ' ')"
+    if [ ${#missing[@]} -gt 0 ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $S/site "${missing[@]}" \
+        || exit 1
+    fi
     python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     cat $S/gguf.part1 $S/gguf.part2 > $S/model.gguf
     [ "$(sha256sum $S/model.gguf | cut -d' ' -f1)" = "$(cat $S/gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 1; }
     python3 -c "import transformers, llamafactory, deepspeed, peft; print('transformers', transformers.__version__, \
 'llamafactory', llamafactory.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)" || exit 1
-    setsid nohup python3 scripts/small_scale.py --out $S/out --set base.gguf=$S/model.gguf > $S/log 2>&1 < /dev/null &
+    shift 2
+    setsid nohup python3 scripts/small_scale.py --out $S/out --set base.gguf=$S/model.gguf "$@" > $S/log 2>&1 \
+      < /dev/null &
+    echo $! > $S/pid
     sleep 20; progress ;;
   wait)
     end=$(( $(date +%s) + $2 ))
     while [ "$(date +%s)" -lt $end ]; do
-      grep -aq "small_scale [0-9:]*\] done in" $S/log 2>/dev/null && break
+      kill -0 "$(cat $S/pid 2>/dev/null)" 2>/dev/null || break  # the sweep ended (done or failed)
       sleep 10
+      # results so far, in case the command is cut short
+      n=$(( ${n:-0} + 1 )); [ $(( n % 6 )) -eq 0 ] && collect "$3" 2>/dev/null
     done
     progress; collect "$3" ;;
   *) echo "usage: $0 stash DIR | launch WHEEL_DIR | wait SECS DEST" >&2; exit 2 ;;
