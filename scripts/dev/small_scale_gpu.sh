@@ -83,7 +83,7 @@ case "${1:-}" in
       kill -0 "$(cat $S/pid 2>/dev/null)" 2>/dev/null || break  # the sweep ended (done or failed)
       sleep 10
       # results so far, in case the command is cut short
-      n=$(( ${n:-0} + 1 )); [ $(( n % 6 )) -eq 0 ] && collect "$3" 2>/dev/null
+      ticks=$(( ${ticks:-0} + 1 )); [ $(( ticks % 6 )) -eq 0 ] && collect "$3" 2>/dev/null
     done
     progress; collect "$3" ;;
   *) echo "usage: $0 stash DIR | launch WHEEL_DIR | wait SECS DEST" >&2; exit 2 ;;
