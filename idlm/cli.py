@@ -114,6 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         log_level="info" if args.verbose else "warning",
         max_request_bytes=args.max_request_bytes,
+        draft_mode=args.draft_mode,
     )
     return 0
 
@@ -138,7 +139,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="native engine: request bodies larger than this get HTTP 413 (default 8 MiB)")
     p.add_argument("--draft-mode", default="argmax", choices=["argmax", "sample"],
-                   help="sglang engine: how sampled requests draft (both exact; default argmax)")
+                   help="how sampled requests draft, on both engines (both exact, see docs/isd.md; default argmax: "
+                        "no sampling pass for the drafts)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
     p.add_argument("--print-command", action="store_true", help="sglang engine: print the launch command and exit")
     p.set_defaults(func=_cmd_serve)

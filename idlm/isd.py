@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from idlm.config import step_rows
 from idlm.sampling import normalize, sample_from_probs
 
 DRAFT_MODES = ("sample", "argmax", "paper_argmax")
@@ -76,8 +77,8 @@ def num_step_rows(num_drafts: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def max_step_rows(stride: int) -> int:
-    """The widest step (steady state): 2N - 1 rows, 1 for stride 1."""
-    return 2 * stride - 1
+    """The widest step (steady state): `idlm.config.step_rows` (2N - 1) rows, 1 for stride 1 (plain AR)."""
+    return 1 if stride == 1 else step_rows(stride)
 
 
 @dataclass

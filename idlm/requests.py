@@ -50,6 +50,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def is_greedy(temperature: Any, top_k: Any) -> Any:
+    """The one greedy rule, SGLang's: temperature <= 0, or top_k == 1 (a single candidate left; 0 and -1 mean no
+    top-k). For Python numbers (a bool) and for [B] tensors alike (a bool tensor); the native engine, the SGLang
+    worker and the sampler all decide by it."""
+    return (temperature <= 0) | (top_k == 1)
+
+
 def check_temperature(value: Any, name: str = "temperature", param: str = "temperature") -> float:
     if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= MAX_TEMPERATURE:
         raise InvalidRequest(f"{name} must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {show(value)}",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from idlm.requests import is_greedy
+
 Param = torch.Tensor | float | int
 
 
@@ -32,7 +34,8 @@ class BatchHints:
     not read it back from the GPU (each read is a device sync, which an asynchronous scheduler must not see).
 
     any_top_k: some row keeps fewer than V tokens; max_top_k: the largest k of any row, V for rows without top-k
-    (the width of the top-k pass); any_top_p: some row has top_p < 1; any_greedy: some row has temperature <= 0.
+    (the width of the top-k pass); any_top_p: some row has top_p < 1; any_greedy: some row is greedy
+    (`idlm.requests.is_greedy`: temperature <= 0 or top_k == 1).
     They must describe the same rows as the tensors (`BatchHints.of` computes them from the Python values).
     """
 
@@ -46,7 +49,8 @@ class BatchHints:
         """From per-row Python numbers (the same conventions as `process_logits`: k <= 0 or >= V is off)."""
         ks = [vocab if (k <= 0 or k >= vocab) else int(k) for k in top_ks]
         return cls(any_top_k=any(k < vocab for k in ks), max_top_k=max(ks, default=vocab),
-                   any_top_p=any(p < 1 for p in top_ps), any_greedy=any(t <= 0 for t in temperatures))
+                   any_top_p=any(p < 1 for p in top_ps),
+                   any_greedy=any(is_greedy(t, k) for t, k in zip(temperatures, top_ks)))
 
 
 def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,
@@ -60,17 +64,18 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
     Order (as transformers' warpers): divide by the temperature, keep the ``top_k`` largest logits (``0`` = off;
     ties with the k-th value are kept), softmax, then keep the smallest set of most likely tokens whose mass reaches
     ``top_p`` (the most likely token always stays; ``top_p >= 1`` = off) and renormalise.
-    Rows with ``temperature <= 0`` become a one-hot at the argmax of the raw logits (greedy): with one-hot p and q
-    the ISD acceptance rules reduce exactly to greedy verification, so callers need no special case.
+    Greedy rows (`idlm.requests.is_greedy`: ``temperature <= 0`` or ``top_k == 1``) become a one-hot at the argmax
+    of the raw logits (ties go to the lowest id, as AR's argmax; a top-k of 1 would keep ties): with one-hot p and
+    q the ISD acceptance rules reduce exactly to greedy verification, so callers need no special case.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dtype)
     vocab = x.shape[-1]
     temp = _param(temperature, x, dtype)
-    greedy = temp <= 0
-    x = x / torch.where(greedy, torch.ones_like(temp), temp)
-
     k = _param(top_k, x, torch.long)
+    greedy = is_greedy(temp, k)
+    x = x / torch.where(temp <= 0, torch.ones_like(temp), temp)
+
     k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
     any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
     if any_top_k:

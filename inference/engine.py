@@ -38,7 +38,7 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
-from idlm.requests import check_max_new_tokens, check_seed, check_temperature, check_top_k, check_top_p
+from idlm.requests import check_max_new_tokens, check_seed, check_temperature, check_top_k, check_top_p, is_greedy
 from idlm.sampling import process_logits, sample_from_probs
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class _Request:
 
     @property
     def greedy(self) -> bool:
-        return self.params.temperature <= 0
+        return bool(is_greedy(self.params.temperature, self.params.top_k))
 
     @property
     def verify_mode(self) -> str:
@@ -443,7 +443,7 @@ class ISDEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         generator = None
-        if params.temperature > 0:
+        if not is_greedy(params.temperature, params.top_k):
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator = torch.Generator().manual_seed(seed)
         req = _Request(request_id, prompt_ids, params, generator, ISDStats(self.stride))

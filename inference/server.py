@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from idlm.chat import ChatTemplateError, encode_messages, stop_token_ids
 from idlm.errors import UserError
+from idlm.isd import check_draft_mode
 from idlm.requests import check_seed, check_temperature, check_top_k, check_top_p, show
 
 from .runner import EngineFailure, EngineRunner, RequestRejected, RequestStream
@@ -103,9 +104,11 @@ class _TextTracker:
 
 # ---------------------------------------------------------------------------------------------- the app
 class _Server:
-    def __init__(self, runner: EngineRunner, model_name: str):
+    def __init__(self, runner: EngineRunner, model_name: str, draft_mode: str = "sample"):
+        check_draft_mode(draft_mode)
         self.runner = runner
         self.model_name = model_name
+        self.draft_mode = draft_mode  # how sampled requests draft (idlm.isd; both modes exact)
         self.tokenizer = runner.tokenizer
         self.created = int(time.time())
         model = getattr(runner.engine, "model", None)
@@ -227,6 +230,7 @@ class _Server:
             top_p=top_p,
             stop_token_ids=() if req.ignore_eos else self.eos_ids,
             seed=seed,
+            draft_mode=self.draft_mode,
         )
         return params, stop
 
@@ -407,9 +411,9 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], None] | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft_mode: str = "sample") -> FastAPI:
     """The FastAPI app over a started ``runner``; ``on_ready`` runs once the server starts up. A request body over
-    ``max_request_bytes`` is refused with 413."""
+    ``max_request_bytes`` is refused with 413; sampled requests draft by ``draft_mode``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -419,7 +423,7 @@ def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], Non
 
     app = FastAPI(title="idlm", summary="OpenAI-compatible I-DLM (ISD) server", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    srv = _Server(runner, model_name)
+    srv = _Server(runner, model_name, draft_mode)
     app.state.idlm = srv
 
     @app.exception_handler(APIError)
@@ -516,8 +520,10 @@ def serve(
     dtype: str = "auto",
     log_level: str = "warning",
     max_request_bytes: int | None = None,
+    draft_mode: str = "sample",
 ) -> None:
-    """Load the checkpoint into the reference ISD engine and serve it until interrupted."""
+    """Load the checkpoint into the reference ISD engine and serve it until interrupted; sampled requests draft by
+    ``draft_mode`` (``sample`` or ``argmax``, both exact, see `idlm.isd`)."""
     import uvicorn
 
     from .engine import ISDEngine
@@ -541,7 +547,7 @@ def serve(
         def ready() -> None:
             print(f"idlm serve: {name} ready at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
 
-        app = create_app(runner, name, on_ready=ready, max_request_bytes=max_request_bytes)
+        app = create_app(runner, name, on_ready=ready, max_request_bytes=max_request_bytes, draft_mode=draft_mode)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -4,8 +4,9 @@ prompt set and trains it briefly with the [x_t | x_0] objective (`trainer: idlm`
 held-out prompts are decoded with ISD at N = 2 and 4 and greedy ISD must equal greedy AR token for token.
 
 Then R-ISD with the committed gated-LoRA adapter (configs/demo/adapter/: trained on a GPU by the full recipe, see its
-README; files checked against its SHA256SUMS): the unchanged base SmolLM2 decodes the held-out prompts at N = 4,
-one request at a time, against its own AR decoding: TPF, wall-clock speed-up, and the output must be identical.
+README; files checked against its SHA256SUMS): the unchanged base SmolLM2 decodes six held-out GSM8K test questions
+at N = 4, one request at a time, against its own AR decoding: TPF, wall-clock speed-up, and the output must be
+identical.
 
 Run through scripts/demo.sh (which sets up .venv/). Outputs go to outputs/demo/.
 """
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--adapter", default=str(ADAPTER), help="gated-LoRA adapter directory for the R-ISD part "
                     "('none' skips it)")
-    ap.add_argument("--adapter-tokens", type=int, default=128, help="max new tokens per prompt in the R-ISD part")
+    ap.add_argument("--adapter-tokens", type=int, default=160, help="max new tokens per prompt in the R-ISD part")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +59,7 @@ def main() -> None:
     prompts = json.loads((ROOT / "configs" / "demo" / "prompts.json").read_text())
 
     # 1-3. the pipeline: base -> conversion -> its sampled answers -> training, all by `idlm train`
-    log(f"1/2 idlm train {RECIPE.relative_to(ROOT)} ({args.steps} steps x {args.batch_size}, stride 4)")
+    log(f"1/3 idlm train {RECIPE.relative_to(ROOT)} ({args.steps} steps x {args.batch_size}, stride 4)")
     # the base, its conversion and the generated data stay cached in --out; the training stage is redone
     shutil.rmtree(out / "stage1-n4", ignore_errors=True)
     (out / "train_log.jsonl").unlink(missing_ok=True)
@@ -77,7 +78,7 @@ def main() -> None:
     held_out = [encode_prompt(tok, p) for p in prompts["held_out"]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
                             stop_token_ids=stop_token_ids(tok, model))
-    log(f"2/2 decoding {len(held_out)} held-out prompts greedily: AR, then ISD N=2 and N=4")
+    log(f"2/3 decoding {len(held_out)} held-out prompts greedily: AR, then ISD N=2 and N=4")
     results = {}
     for stride in (1, 2, 4):
         engine = ISDEngine(model, tok, stride=stride, mask_token_id=cfg.mask_token_id)
@@ -108,7 +109,10 @@ def main() -> None:
     del model
     ok = same
     if args.adapter != "none":
-        summary["r_isd"] = r_isd_demo(Path(args.adapter), out / "base", prompts["held_out"], args.adapter_tokens)
+        from idlm.eval.tasks import BOXED_SUFFIX  # the prompt format the adapter was trained and measured in
+
+        summary["r_isd"] = r_isd_demo(Path(args.adapter), out / "base", [q + BOXED_SUFFIX for q in prompts["r_isd"]],
+                                      args.adapter_tokens)
         ok = ok and summary["r_isd"]["identical"]
     summary["seconds"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -153,7 +157,8 @@ def r_isd_demo(adapter: Path, base_dir: Path, held_out: list[str], max_new_token
 
     ar, t_ar = timed(ISDEngine(base, tok, stride=1, mask_token_id=None, max_batch_size=1))
     gated, meta = load_gated_lora(base, str(adapter))
-    log(f"3/3 R-ISD: the base SmolLM2 + the gated LoRA in {adapter} (N = {meta.stride}) against its own AR decoding, {len(ids)} held-out prompts, one at a time, greedy")
+    log(f"3/3 R-ISD: the base SmolLM2 + the gated LoRA in {adapter} (N = {meta.stride}) against its own AR "
+        f"decoding, {len(ids)} held-out prompts, one at a time, greedy")
     risd, t_risd = timed(ISDEngine(gated, tok, stride=meta.stride, mask_token_id=meta.mask_token_id,
                                    max_batch_size=1))
     identical = [a.token_ids == r.token_ids for a, r in zip(ar, risd)]

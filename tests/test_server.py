@@ -653,3 +653,26 @@ def test_a_request_that_breaks_the_engine_step_ends_alone(server):
     assert text == ref
     assert server.runner.stats.failed == failed_before + 1
     _wait(lambda: _idle(server), 10, "the engine to drain")
+
+
+@pytest.mark.parametrize("mode", ["sample", "argmax"])
+def test_draft_mode_reaches_sampled_requests(server, mode):
+    """`idlm serve --draft-mode` (create_app's draft_mode) is how the native server drafts sampled requests: its
+    seeded output equals the reference engine's with that mode, token for token."""
+    from idlm.inference.engine import SamplingParams
+
+    app = create_app(server.runner, MODEL_NAME, draft_mode=mode)
+    body = {"prompt": "one two three", "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": 11,
+            "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as ac:
+            return await ac.post("/v1/completions", json=body)
+
+    r = asyncio.run(run())
+    assert r.status_code == 200, r.text
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0, seed=11, draft_mode=mode)
+    want = server.reference.generate([server.tokenizer.encode(body["prompt"])], params)[0]
+    assert r.json()["choices"][0]["text"] == server.tokenizer.decode(want.token_ids)
+    with pytest.raises(ValueError, match="unknown draft mode"):
+        create_app(server.runner, MODEL_NAME, draft_mode="paper-ish")

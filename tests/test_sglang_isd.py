@@ -26,7 +26,8 @@ from idlm.inference.sglang_isd.config import (
     translate_dllm_args,
     validate_server_args,
 )
-from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView, is_greedy
+from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
+from idlm.requests import is_greedy
 from idlm.sampling import BatchHints
 from tests.helpers import tiny_model
 
@@ -104,7 +105,7 @@ def test_mixed_greedy_and_sampled_requests(model):
                             top_ps=torch.tensor([0.9, 1.0, 1.0]))
     assert sampling.greedy.tolist() == [False, True, False]
     # one rule for the tensors and for the requests' Python values (the worker's hints)
-    assert [bool(is_greedy(k, t)) for k, t in ((1 << 30, 0.8), (1, 1.0), (20, 1.2), (5, 0.0))] == [False, True,
+    assert [bool(is_greedy(t, k)) for k, t in ((1 << 30, 0.8), (1, 1.0), (20, 1.2), (5, 0.0))] == [False, True,
                                                                                                     False, True]
     # the worker's CPU-side hints (no device sync) must give the very same steps as reading the tensors
     hinted = SamplingView(sampling.temperatures, sampling.top_ks, sampling.top_ps,

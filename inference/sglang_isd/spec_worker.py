@@ -41,12 +41,13 @@ from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 from sglang.srt.speculative.spec_utils import record_stream_for_v2_verify
 from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_locs_func
 
+from idlm.requests import is_greedy
 from idlm.sampling import BatchHints
 
 from .compat import select_verify_attention
 from .config import ISDServeConfig, mask_token_id_of
 from .profiler import StepProfiler
-from .stepper import ISDStateTable, SamplingView, is_greedy
+from .stepper import ISDStateTable, SamplingView
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class ISDWorker(BaseSpecWorker):
         """What `process_logits` would otherwise read back from the GPU, from the requests' own Python sampling
         parameters (the rows of ``batch.sampling_info``, in the same order): no device sync inside the step."""
         params = [r.sampling_params for r in batch.reqs]
-        greedy = [is_greedy(sp.top_k, sp.temperature) for sp in params]
+        greedy = [is_greedy(sp.temperature, sp.top_k) for sp in params]
         return BatchHints.of([0.0 if g else sp.temperature for g, sp in zip(greedy, params)],
                              [sp.top_k for sp in params], [sp.top_p for sp in params], self.vocab_size)
 

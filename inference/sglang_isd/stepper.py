@@ -35,14 +35,10 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
+from idlm.requests import is_greedy
 from idlm.sampling import BatchHints, process_logits
 
 from .config import ISDServeConfig
-
-
-def is_greedy(top_k, temperature):
-    """SGLang's greedy rule, top_k <= 1 or temperature <= 0, for [B] tensors or Python numbers alike."""
-    return (top_k <= 1) | (temperature <= 0)
 
 
 @dataclass
@@ -62,7 +58,7 @@ class SamplingView:
     @property
     def greedy(self) -> torch.Tensor:
         """[B] bool: SGLang decodes these requests by argmax."""
-        return is_greedy(self.top_ks, self.temperatures)
+        return is_greedy(self.temperatures, self.top_ks)
 
 
 @dataclass
