@@ -292,3 +292,16 @@ def test_entry_point_declared():
     assert '[project.entry-points."sglang.srt.plugins"]' in text
     assert 'idlm_isd = "idlm.inference.sglang_isd.plugin:register"' in text
     assert '"sglang==0.5.15"' in text
+
+
+def test_the_gpu_check_helpers_import_without_sglang(monkeypatch):
+    """The helpers the GPU checks share (tests/gpu, scripts/dev/sglang_gpu_check.py) live in the package, import on a
+    CPU machine without SGLang, and spell the ISD server flags from idlm.config's step rows."""
+    from idlm.config import step_rows
+    from idlm.inference.sglang_isd import testing
+
+    monkeypatch.delenv("IDLM_ISD_OVERLAP", raising=False)
+    assert testing.isd_flags(4) == ["--speculative-algorithm", "ISD", "--speculative-num-draft-tokens",
+                                    str(step_rows(4))]
+    monkeypatch.setenv("IDLM_ISD_OVERLAP", "0")
+    assert testing.isd_flags(3)[-1] == "--disable-overlap-schedule"

@@ -16,9 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from idlm.config import IDLMConfig
+from idlm.checkpoint import load_causal_lm, load_idlm
+from idlm.config import IDLMConfig, ObjectiveConfig, write_idlm_config
+from idlm.errors import UserError
 from idlm.objective import count_targets, idlm_loss
-from idlm.training.data import collate, encode_chat
+from idlm.training.ckpt import truncate_log
+from idlm.training.curriculum import mark_stage_done
+from idlm.training.data import collate, encode_chat, load_chat_jsonl
 
 
 @dataclass
@@ -134,7 +138,6 @@ def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg:
 
 def save_trained(model, tokenizer, idlm_cfg: IDLMConfig, out_dir: str | Path, train_cfg: LoopTrainConfig) -> None:
     """Save a loadable I-DLM checkpoint (weights, tokenizer, idlm block) plus the training settings."""
-    from idlm.config import write_idlm_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,12 +169,6 @@ def loop_config(lf: dict, log_file: str | None, clean_weight: float | None = Non
 
 def run_loop_stage(plan, stage) -> None:
     """Run one stage of a plan with the project's own loop and write its checkpoint (or adapter) and stage marker."""
-    from idlm.checkpoint import load_causal_lm, load_idlm
-    from idlm.config import IDLMConfig, ObjectiveConfig
-    from idlm.errors import UserError
-    from idlm.training.ckpt import truncate_log
-    from idlm.training.curriculum import mark_stage_done
-    from idlm.training.data import load_chat_jsonl
 
     s, lf = stage.settings, stage.lf_args
     files = [c["file"] for c in plan.data_checks if c["kind"] == "train_file"]

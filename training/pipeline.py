@@ -23,7 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from idlm.checkpoint import load_causal_lm
+from idlm.config import ObjectiveConfig
+from idlm.convert import convert
 from idlm.errors import UserError
+from idlm.training.eval_hooks import evaluate_plan
+from idlm.training.recipe import resolve_path
+from idlm.training.responses import GenerationSettings, generate_training_data, read_prompt_sources
 
 BASE_KEYS = {"model", "gguf", "gguf_file", "dtype", "mask_token_id", "stride"}
 GENERATE_KEYS = {"sources", "samples_per_prompt", "max_new_tokens", "temperature", "top_p", "top_k", "batch_size",
@@ -45,7 +51,6 @@ def _check_keys(section: str, given: dict[str, Any], allowed: set[str], where: s
 
 
 def _path(value: Any, recipe_dir: Path, where: str, what: str) -> str:
-    from idlm.training.recipe import resolve_path
 
     found = resolve_path(str(value), recipe_dir)
     if not found:
@@ -161,9 +166,6 @@ def resolve_sections(raw: dict[str, Any], top: dict[str, Any], recipe_dir: Path,
 
 def run_prepare(sec: dict[str, Any]) -> None:
     """WORK/base (an HF checkpoint of the AR base) and WORK/converted (its I-DLM conversion)."""
-    from idlm.checkpoint import load_causal_lm
-    from idlm.config import ObjectiveConfig
-    from idlm.convert import convert
 
     base, converted = Path(sec["hf_dir"]), Path(sec["converted"])
     if not (base / "config.json").is_file():
@@ -193,7 +195,6 @@ def run_prepare(sec: dict[str, Any]) -> None:
 
 
 def run_generate(sec: dict[str, Any]) -> None:
-    from idlm.training.responses import GenerationSettings, generate_training_data, read_prompt_sources
 
     out = Path(sec["output"])
     if out.is_file():
@@ -208,7 +209,6 @@ def run_generate(sec: dict[str, Any]) -> None:
 
 
 def run_evaluate(plan, sec: dict[str, Any]) -> dict[str, Any]:
-    from idlm.training.eval_hooks import evaluate_plan
 
     path = Path(plan.output_dir) / "eval.json"
     result = evaluate_plan(plan, sec)

@@ -25,7 +25,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from idlm.chat import stop_token_ids
+from idlm.checkpoint import load_causal_lm
 from idlm.errors import UserError
+from idlm.eval.tasks import BOXED_SUFFIX, MBPP_TEMPLATE
+from idlm.training.datacheck import iter_rows
 
 MBPP_TEST_IDS = range(11, 511)  # Google's test split of MBPP: held out, never a training prompt
 
@@ -65,8 +69,6 @@ class GenerationSettings:
 
 def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
     """User prompts from ``[{kind, file, limit}]`` (see the module doc), in source order, duplicates removed."""
-    from idlm.eval.tasks import BOXED_SUFFIX, MBPP_TEMPLATE
-    from idlm.training.datacheck import iter_rows
 
     prompts: list[str] = []
     for src in sources:
@@ -115,7 +117,6 @@ def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
 def sample_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[list[str]]:
     """``settings.samples_per_prompt`` sampled chat responses per prompt (left-padded batches through HF generate;
     prompts sorted by length so batches pad little). Empty responses are kept as "" (dropped by the writer)."""
-    from idlm.chat import stop_token_ids
 
     args = settings.resolved(getattr(model, "generation_config", None))
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
@@ -170,7 +171,6 @@ def write_chat_jsonl(path: str | Path, prompts: list[str], responses: list[list[
 def generate_training_data(model_path: str, prompts: list[str], settings: GenerationSettings, output: str | Path,
                            dtype: str = "bfloat16") -> dict[str, Any]:
     """Sample the responses of the model at ``model_path`` and write the chat JSONL; returns a short report."""
-    from idlm.checkpoint import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_causal_lm(model_path, dtype=dtype if device == "cuda" else "float32", device=device)

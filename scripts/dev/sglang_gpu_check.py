@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from idlm.inference.sglang_isd.config import SGLANG_VERSION  # noqa: E402
-from tests.gpu.sglang_helpers import (  # noqa: E402
+from idlm.inference.sglang_isd.testing import (  # noqa: E402
     SGLangServer,
     build_random_gated_lora,
     build_tiny_idlm,
@@ -246,7 +246,7 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
     """docs/results/serving_h100.json (rows with engine, algorithm, stride, concurrency, tok_s_total, tok_s_per_req,
     step_ms, ...) and its markdown table, from the two `idlm bench throughput` outputs of one run.
     verify_attention: the ISD server's IDLM_ISD_VERIFY_ATTENTION (default: this process's, else "gqa"); overlap
-    scheduling of the ISD server: on unless IDLM_ISD_OVERLAP=0 (tests/gpu/sglang_helpers.isd_flags)."""
+    scheduling of the ISD server: on unless IDLM_ISD_OVERLAP=0 (idlm.inference.sglang_isd.testing.isd_flags)."""
     verify_attention = verify_attention or os.environ.get("IDLM_ISD_VERIFY_ATTENTION", "gqa")
     overlap = os.environ.get("IDLM_ISD_OVERLAP", "1") != "0"
     rows = []
@@ -302,7 +302,8 @@ def main() -> int:
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=int(os.environ.get("TRAIN_STEPS", "300")),
-                    help="steps of the synthetic-language training of the tiny model (tests/gpu/sglang_helpers.py)")
+                    help="steps of the synthetic-language training of the tiny model "
+                         "(idlm.inference.sglang_isd.testing)")
     ap.add_argument("--profile", type=int, default=int(os.environ.get("ISD_PROFILE", "0")),
                     help="log the 8B ISD server's step-time breakdown every N steps (IDLM_ISD_PROFILE; syncs the GPU)")
     ap.add_argument("--rebuild", metavar="BENCH_DIR", help="only write serving_h100.{json,md} into --out from "

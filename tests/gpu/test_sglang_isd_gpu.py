@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang (serve extra)")]
 
-from tests.gpu.sglang_helpers import (  # noqa: E402
+from idlm.inference.sglang_isd.testing import (  # noqa: E402
     SGLangServer,
     build_random_gated_lora,
     build_tiny_idlm,

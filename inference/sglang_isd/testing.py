@@ -1,5 +1,6 @@
-"""Start SGLang servers, talk to them, build the checkpoints the GPU checks share (tests/gpu and
-scripts/dev/sglang_gpu_check.py). Every failure raises with the server's log tail, so a GPU run explains itself."""
+"""Helpers for GPU checks of ISD under SGLang, in the manner of transformers.testing_utils: start SGLang servers, talk
+to them, build the checkpoints the checks share (tests/gpu and scripts/dev/sglang_gpu_check.py). Every failure raises
+with the server's log tail, so a GPU run explains itself. Imports nothing of SGLang (servers are subprocesses)."""
 
 from __future__ import annotations
 
