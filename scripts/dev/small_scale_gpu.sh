@@ -86,5 +86,5 @@ case "${1:-}" in
       ticks=$(( ${ticks:-0} + 1 )); [ $(( ticks % 6 )) -eq 0 ] && collect "$3" 2>/dev/null
     done
     progress; collect "$3" ;;
-  *) echo "usage: $0 stash DIR | launch WHEEL_DIR | wait SECS DEST" >&2; exit 2 ;;
+  *) echo "usage: $0 stash DIR... | launch WHEEL_DIR [SWEEP_ARGS] | wait SECS DEST" >&2; exit 2 ;;
 esac
