@@ -279,6 +279,25 @@ def test_compat_patches_pinned():
 
 
 @needs_source
+def test_capture_spec_info_hook_pinned():
+    # 3. the capture verify input: the hooked method, what the hook reads of the runner, and flashinfer's use of it
+    module, cls, method = compat.CAPTURE_HOOK_TARGET.rsplit(".", 2)
+    rel = module[len("sglang."):].replace(".", "/") + ".py"
+    tree = _tree(rel)
+    assert _params(_function(_class(tree, cls), method)) == ["self", "num_tokens"]
+    runner = read_source(SRC, rel)
+    assert "self.num_tokens_per_bs" in runner and "self.model_runner.spec_algorithm.is_ngram()" in runner
+    assert "AFTER" in _members("srt/plugins/hook_registry.py", "HookType")
+    fi = "srt/layers/attention/flashinfer_backend.py"
+    assert compat.FLASHINFER_BACKEND in {c.name for c in ast.walk(_tree(fi)) if isinstance(c, ast.ClassDef)}
+    text = read_source(SRC, fi)
+    assert "spec_info.generate_attn_arg_prefill(\n                        req_pool_indices,\n" \
+           "                        paged_kernel_lens,\n                        paged_kernel_lens_sum,\n" \
+           "                        self.req_to_token,\n                    )" in text
+    assert "if spec_info is None:\n            assert prefix_lens is not None" in text  # the crash it avoids
+
+
+@needs_source
 def test_spec_worker_interface_pinned():
     """Every SGLang name spec_worker.py imports exists where it imports it from, and what it reads and writes on
     SGLang's objects is declared by their classes."""

@@ -317,3 +317,38 @@ def test_worker_draft_side_cache_clear_and_warnings(sw, model, monkeypatch, capl
     assert int(worker.state.num_drafts.sum()) > 0
     worker.clear_cache_pool()
     assert int(worker.state.num_drafts.sum()) == 0
+
+
+def test_verify_input_plans_flashinfer_attention(sw):
+    """flashinfer's verify plan from ISD's input: each request's KV is its prefix plus its R step rows (from
+    req_to_token, in order), its queries the R rows, no custom mask (flashinfer's causal mode = ISD's rule)."""
+    r = 3
+    req_to_token = torch.arange(4 * 20, dtype=torch.int32).view(4, 20) + 1000  # slot s, position p -> 1000 + 20 s + p
+    slots, prefix = torch.tensor([2, 0], dtype=torch.int64), torch.tensor([5, 2], dtype=torch.int32)
+    kv_indices, kv_indptr, qo_indptr, mask = sw.ISDVerifyInput(r).generate_attn_arg_prefill(
+        slots, prefix, int(prefix.sum()), req_to_token)
+    assert mask is None
+    assert kv_indptr.tolist() == [0, 8, 13] and qo_indptr.tolist() == [0, 3, 6]
+    assert kv_indices.dtype == torch.int32
+    assert kv_indices.tolist() == req_to_token[2, :8].tolist() + req_to_token[0, :5].tolist()
+
+
+def test_capture_gets_an_isd_verify_input_on_flashinfer_only(sw):
+    compat = importlib.import_module("idlm.inference.sglang_isd.compat")
+
+    class FlashInferAttnBackend:
+        pass
+
+    class TritonAttnBackend:
+        pass
+
+    def runner(backend, algo="ISD", draft=False):
+        mr = SimpleNamespace(is_draft_worker=draft, spec_algorithm=SimpleNamespace(name=algo), attn_backend=backend())
+        return SimpleNamespace(model_runner=mr, num_tokens_per_bs=7)
+
+    got = compat._capture_spec_info(None, runner(FlashInferAttnBackend), 448)
+    assert isinstance(got, sw.ISDVerifyInput) and got.draft_token_num == 7 and got.custom_mask is None
+    for r in (runner(TritonAttnBackend), runner(FlashInferAttnBackend, algo="NGRAM"),
+              runner(FlashInferAttnBackend, draft=True)):
+        assert compat._capture_spec_info(None, r, 448) is None  # None: SGLang's own result stays
+    assert compat._capture_spec_info("theirs", runner(FlashInferAttnBackend), 448) is None

@@ -11,6 +11,13 @@ tests/test_sglang_compat.py::test_sglang_internals_pinned, which fails when the 
    ``use_verify_splitkv`` flag and, for ``gqa``, replaces its ``verify_splitkv_fwd`` with `gqa_verify_fwd`, which
    takes that function's arguments. Relies on those two attributes, the call that reads them and the signature.
 
+3. `install_capture_spec_info`: the verify input of a CUDA-graph capture on the flashinfer backend. SGLang's
+   ``DecodeCudaGraphRunner.get_spec_info`` builds one only for its own algorithms and hands None to the backend
+   otherwise; flashinfer's verify plan then stops (``call_begin_forward``: ``assert prefix_lens is not None``). An
+   AFTER hook (SGLang's `HookRegistry`) returns ISD's `ISDVerifyInput` there, for ISD on flashinfer only (the triton
+   backend reads nothing from it). Relies on that method, the runner's ``num_tokens_per_bs`` and ``model_runner``,
+   and flashinfer calling ``spec_info.generate_attn_arg_prefill``.
+
 Nothing here imports SGLang at module level (the patches are tested on CPU with stand-ins and, where the SGLang
 source is at hand, with SGLang's own hook registry).
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import SGLANG_VERSION, translate_dllm_args
+from .config import ALGORITHM_NAME, SGLANG_VERSION, translate_dllm_args
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,31 @@ def install_dllm_spelling() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(HOOK_TARGET, _before_post_init, HookType.BEFORE)
+
+
+# ---------------------------------------------------------------------------------------- 3. capture verify input
+CAPTURE_HOOK_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.get_spec_info"
+FLASHINFER_BACKEND = "FlashInferAttnBackend"
+
+
+def _capture_spec_info(result, runner, *args, **kwargs):
+    """AFTER hook on ``DecodeCudaGraphRunner.get_spec_info(self, num_tokens)``: None keeps SGLang's result."""
+    model_runner = runner.model_runner
+    if result is not None or getattr(model_runner, "is_draft_worker", False):
+        return None
+    if getattr(model_runner.spec_algorithm, "name", None) != ALGORITHM_NAME:
+        return None
+    if type(getattr(model_runner, "attn_backend", None)).__name__ != FLASHINFER_BACKEND:
+        return None  # triton's capture path is ISD's tested one and reads nothing from a verify input
+    from .spec_worker import ISDVerifyInput
+
+    return ISDVerifyInput(draft_token_num=runner.num_tokens_per_bs)
+
+
+def install_capture_spec_info() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(CAPTURE_HOOK_TARGET, _capture_spec_info, HookType.AFTER)
 
 
 # ---------------------------------------------------------------------------------------- 2. verify attention kernel

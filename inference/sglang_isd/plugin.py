@@ -30,7 +30,7 @@ def register() -> None:
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sglang.srt.speculative.spec_registry import CustomSpecAlgo
 
-    from .compat import check_sglang_version, install_dllm_spelling
+    from .compat import check_sglang_version, install_capture_spec_info, install_dllm_spelling
 
     check_sglang_version()
 
@@ -54,5 +54,6 @@ def register() -> None:
     SpeculativeAlgorithm.register(ALGORITHM_NAME, supports_overlap=True, validate_server_args=validate_server_args,
                                   spec_class=ISDSpecAlgo)(_worker_factory)
     install_dllm_spelling()
+    install_capture_spec_info()
     _registered = True
     log.info("idlm: registered --speculative-algorithm %s", ALGORITHM_NAME)

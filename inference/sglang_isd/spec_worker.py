@@ -83,6 +83,29 @@ class ISDVerifyInput(SpecInput):
     def get_spec_adjust_token_coefficient(self) -> tuple[int, int]:
         return self.draft_token_num, self.draft_token_num
 
+    def generate_attn_arg_prefill(self, req_pool_indices: torch.Tensor, paged_kernel_lens: torch.Tensor,
+                                  paged_kernel_lens_sum: int, req_to_token: torch.Tensor):
+        """The flashinfer backend's verify plan (``FlashInferIndicesUpdaterPrefill.call_begin_forward``).
+
+        req_pool_indices: [B] slots; paged_kernel_lens: [B] committed lengths (their sum, host-known:
+        ``paged_kernel_lens_sum``); req_to_token: [slots, max_len] KV locations, this step's R =
+        ``draft_token_num`` rows already written after each prefix. Returns (kv_indices [sum + B R], kv_indptr [B + 1],
+        qo_indptr [B + 1], custom_mask None): each request's KV is its prefix plus its R step rows, its queries are
+        the R rows, and without a custom mask flashinfer's causal mode aligns queries to the end of the KV, which is
+        ISD's attention rule (causal over [prefix | step rows]). Sizes come from the host, so nothing syncs.
+        """
+        r, dev = self.draft_token_num, req_pool_indices.device
+        bs = req_pool_indices.shape[0]
+        kv_lens = paged_kernel_lens.to(torch.int32) + r
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=dev)
+        kv_indptr[1:] = torch.cumsum(kv_lens, 0)
+        qo_indptr = torch.arange(bs + 1, dtype=torch.int32, device=dev) * r
+        flat = torch.arange(int(paged_kernel_lens_sum) + r * bs, device=dev)  # one entry per KV position
+        owner = torch.searchsorted(kv_indptr[1:].to(torch.int64), flat, right=True)
+        column = flat - kv_indptr[owner].to(torch.int64)
+        kv_indices = req_to_token[req_pool_indices.to(torch.int64)[owner], column].to(torch.int32)
+        return kv_indices, kv_indptr, qo_indptr, None
+
     def filter_batch(self, new_indices: torch.Tensor, has_been_filtered: bool = True) -> None:
         if self.future_indices is not None:
             self.future_indices = self.future_indices[new_indices]
