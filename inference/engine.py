@@ -546,6 +546,19 @@ class ISDEngine:
                              logits_to_keep=logits_to_keep)
         return out.logits
 
+    def _step_width(self, need: int, batch: int) -> int:
+        """Rows per request of one ISD decode forward: ``need`` (the widest request's 1 + k + N - 1), padded on a CPU
+        until batch x rows is a multiple of 8 where the context has room. CPU matmuls take up to 1.7x as long for a
+        row count off a multiple of 8 (one SmolLM2-135M forward on 2 cores: 164 ms at 3 rows, 115 at 7, 94 at 8;
+        docs/results/small_scale.md). The extra rows are MASK rows after every real one: causal attention keeps them
+        out of the real rows' outputs, and the cache drops their KV with the other unaccepted rows."""
+        if self.device.type != "cpu" or self.stride == 1:
+            return need
+        width = need
+        while (batch * width) % 8:
+            width += 1
+        return width if max(self._cache.lengths) + width <= self.max_context else need
+
     def _params(self, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
         return (torch.tensor([r.params.temperature for r in reqs], device=dev, dtype=torch.float64),
@@ -653,7 +666,8 @@ class ISDEngine:
         drafts = torch.tensor([r.drafts for r in reqs], dtype=torch.long, device=dev).view(len(reqs), k_max)
         num_drafts = torch.tensor([r.num_drafts for r in reqs], device=dev)
         committed = torch.tensor(self._cache.lengths, device=dev)
-        step = build_step(pending, drafts, num_drafts, committed, n, self.mask_token_id)
+        width = self._step_width(n + max(r.num_drafts for r in reqs), len(reqs))
+        step = build_step(pending, drafts, num_drafts, committed, n, self.mask_token_id, num_rows=width)
         logits = self._forward(self._cache, step.input_ids, step.position_ids, step.mask_rows)
         p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
         q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]

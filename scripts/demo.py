@@ -138,7 +138,9 @@ def check_sha256sums(folder: Path) -> None:
 
 def r_isd_demo(adapter: Path, base_dir: Path, held_out: list[str], max_new_tokens: int) -> dict:
     """The base model with the gated LoRA at its stride against the base's own AR decoding, greedy, one request at
-    a time (the latency a person sees): TPF, wall-clock speed-up, identical output."""
+    a time (the latency a person sees): TPF, wall-clock speed-up, identical output. The two decode each prompt in
+    turn (AR, then R-ISD) so that a machine whose speed drifts slows both alike; the AR side runs on its own copy
+    of the base, without the adapter's hooks."""
     from idlm.chat import encode_prompt, stop_token_ids
     from idlm.checkpoint import load_causal_lm
     from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
@@ -146,21 +148,23 @@ def r_isd_demo(adapter: Path, base_dir: Path, held_out: list[str], max_new_token
 
     check_sha256sums(adapter)
     base, tok = load_causal_lm(str(base_dir), dtype="float32")
+    gated, meta = load_gated_lora(load_causal_lm(str(base_dir), dtype="float32")[0], str(adapter))
     ids = [encode_prompt(tok, p) for p in held_out]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop_token_ids(tok, base))
-
-    def timed(engine) -> tuple[list, float]:
-        engine.generate(ids[:1], params)  # warm-up: first-call allocations are not the method's cost
-        t0 = time.perf_counter()
-        outs = engine.generate(ids, params)
-        return outs, time.perf_counter() - t0
-
-    ar, t_ar = timed(ISDEngine(base, tok, stride=1, mask_token_id=None, max_batch_size=1))
-    gated, meta = load_gated_lora(base, str(adapter))
+    engines = {"ar": ISDEngine(base, tok, stride=1, mask_token_id=None, max_batch_size=1),
+               "r_isd": ISDEngine(gated, tok, stride=meta.stride, mask_token_id=meta.mask_token_id, max_batch_size=1)}
     log(f"3/3 R-ISD: the base SmolLM2 + the gated LoRA in {adapter} (N = {meta.stride}) against its own AR "
         f"decoding, {len(ids)} held-out prompts, one at a time, greedy")
-    risd, t_risd = timed(ISDEngine(gated, tok, stride=meta.stride, mask_token_id=meta.mask_token_id,
-                                   max_batch_size=1))
+    outs: dict[str, list] = {"ar": [], "r_isd": []}
+    seconds = {"ar": 0.0, "r_isd": 0.0}
+    for engine in engines.values():
+        engine.generate(ids[:1], params)  # warm-up: first-call allocations are not the method's cost
+    for prompt in ids:
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            outs[name] += engine.generate([prompt], params)
+            seconds[name] += time.perf_counter() - t0
+    ar, risd, t_ar, t_risd = outs["ar"], outs["r_isd"], seconds["ar"], seconds["r_isd"]
     identical = [a.token_ids == r.token_ids for a, r in zip(ar, risd)]
     tokens = sum(len(o.token_ids) for o in ar)
     acc = [sum(o.acceptance[k] for o in risd) / len(risd) for k in range(meta.stride - 1)]

@@ -283,3 +283,29 @@ def test_pooled_tpf_weights_requests_by_their_decode_forwards():
     # 10 forwards at TPF 3 and 30 at TPF 1: (30 + 30) / 40 tokens per forward; the mean per request would be 2
     assert pooled_tpf([out(10, 3.0), out(30, 1.0)]) == 1.5
     assert pooled_tpf([out(0, 0.0)]) == 0.0  # prefill only: no decode forwards
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_cpu_decode_pads_rows_to_a_multiple_of_eight_without_changing_outputs(model, greedy_refs, stride):
+    """On a CPU a decode forward carries batch x rows padded to a multiple of 8 (MASK rows after the real ones; CPU
+    matmuls are slow off a multiple of 8), and the outputs stay greedy AR's; seeded sampled outputs are the same
+    with and without the padding."""
+    widths = []  # (batch, rows) of every decode forward
+
+    padded = ISDEngine(model, None, stride, MASK, max_batch_size=1)
+    step_width = padded._step_width
+
+    def spy(need, batch):
+        widths.append((batch, step_width(need, batch)))
+        return widths[-1][1]
+    padded._step_width = spy
+    for prompt, n, ref in zip(PROMPTS[:4], MAX_NEW[:4], greedy_refs[:4]):
+        out = padded.generate([prompt], SamplingParams(max_new_tokens=n, temperature=0.0))[0]
+        assert out.token_ids == ref
+    assert widths and all(b * r % 8 == 0 for b, r in widths), widths
+
+    plain = ISDEngine(model, None, stride, MASK, max_batch_size=1)
+    plain._step_width = lambda need, batch: need
+    sampled = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(4)]
+    assert [o.token_ids for o in padded.generate(PROMPTS[:4], sampled)] == \
+           [o.token_ids for o in plain.generate(PROMPTS[:4], sampled)]
