@@ -85,6 +85,11 @@ def pooled_tpf(outputs: list[RequestOutput]) -> float:
     return sum(o.tpf * o.forwards for o in outputs) / forwards if forwards else 0.0
 
 
+def mean_acceptance(outputs: list[RequestOutput], stride: int) -> list[float]:
+    """Acceptance per draft position 1..N-1, the mean over requests of each request's rate ([] for stride 1)."""
+    return [sum(o.acceptance[k] for o in outputs) / len(outputs) for k in range(stride - 1)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # KV cache
 

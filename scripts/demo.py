@@ -54,7 +54,7 @@ def main() -> None:
 
     from idlm.chat import encode_prompt, stop_token_ids
     from idlm.checkpoint import load_idlm
-    from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
+    from idlm.inference.engine import ISDEngine, SamplingParams, mean_acceptance, pooled_tpf
 
     prompts = json.loads((ROOT / "configs" / "demo" / "prompts.json").read_text())
 
@@ -90,7 +90,7 @@ def main() -> None:
         name = "AR " if stride == 1 else f"N={stride}"
         acc = ""
         if stride > 1:
-            per_pos = [sum(o.acceptance[k] for o in outs) / len(outs) for k in range(stride - 1)]
+            per_pos = mean_acceptance(outs, stride)
             acc = "  acceptance per position " + " ".join(f"{a:.2f}" for a in per_pos)
         log(f"    {name}: {tokens} tokens, TPF {pooled_tpf(outs):.2f} "
             f"(mean per request {sum(o.tpf for o in outs) / len(outs):.2f}), {dt:.1f} s{acc}")
@@ -100,8 +100,7 @@ def main() -> None:
     summary = {
         "greedy_isd_equals_ar": same,
         "tpf": {str(s): sum(o.tpf for o in results[s]) / len(held_out) for s in (2, 4)},
-        "acceptance": {str(s): [sum(o.acceptance[k] for o in results[s]) / len(held_out) for k in range(s - 1)]
-                       for s in (2, 4)},
+        "acceptance": {str(s): mean_acceptance(results[s], s) for s in (2, 4)},
         "train": {"first": history[0], "last": history[-1]},
         "seconds": round(time.time() - t_start, 1),
     }
@@ -124,7 +123,7 @@ def main() -> None:
 def check_sha256sums(folder: Path) -> None:
     """Every file named in folder/SHA256SUMS must be there with that hash (the committed adapter is what was
     trained and measured)."""
-    import hashlib
+    from idlm.eval.data import sha256_file
 
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
@@ -132,7 +131,7 @@ def check_sha256sums(folder: Path) -> None:
     for line in sums.read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         path = folder / name.strip().lstrip("*")
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise SystemExit(f"{path}: missing or not the file in {sums}")
 
 
@@ -143,7 +142,7 @@ def r_isd_demo(adapter: Path, base_dir: Path, held_out: list[str], max_new_token
     of the base, without the adapter's hooks."""
     from idlm.chat import encode_prompt, stop_token_ids
     from idlm.checkpoint import load_causal_lm
-    from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
+    from idlm.inference.engine import ISDEngine, SamplingParams, mean_acceptance, pooled_tpf
     from idlm.lora import load_gated_lora
 
     check_sha256sums(adapter)
@@ -167,7 +166,7 @@ def r_isd_demo(adapter: Path, base_dir: Path, held_out: list[str], max_new_token
     ar, risd, t_ar, t_risd = outs["ar"], outs["r_isd"], seconds["ar"], seconds["r_isd"]
     identical = [a.token_ids == r.token_ids for a, r in zip(ar, risd)]
     tokens = sum(len(o.token_ids) for o in ar)
-    acc = [sum(o.acceptance[k] for o in risd) / len(risd) for k in range(meta.stride - 1)]
+    acc = mean_acceptance(risd, meta.stride)
     res = {"stride": meta.stride, "tokens": tokens, "tpf": pooled_tpf(risd), "acceptance": acc,
            "ar_seconds": round(t_ar, 2), "r_isd_seconds": round(t_risd, 2), "speedup": t_ar / t_risd,
            "identical": all(identical), "identical_count": sum(identical), "requests": len(ids)}

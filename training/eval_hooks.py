@@ -23,7 +23,7 @@ from idlm.checkpoint import load_causal_lm, load_idlm
 from idlm.errors import UserError
 from idlm.eval.mathscore import gsm8k_equal, gsm8k_extract, gsm8k_gold
 from idlm.eval.tasks import BOXED_SUFFIX
-from idlm.inference.engine import ISDEngine, SamplingParams, pooled_tpf
+from idlm.inference.engine import ISDEngine, SamplingParams, mean_acceptance, pooled_tpf
 from idlm.lora import load_gated_lora
 from idlm.training.data import collate, encode_chat
 from idlm.training.datacheck import iter_rows
@@ -82,7 +82,7 @@ def decode_summary(outs: list, seconds: float, stride: int, reference: list | No
                          "seconds": round(seconds, 2), "tok_s": tokens / seconds if seconds > 0 else 0.0,
                          "truncated": sum(o.finish_reason == "length" for o in outs)}
     if stride > 1:
-        s["acceptance"] = [sum(o.acceptance[k] for o in outs) / len(outs) for k in range(stride - 1)]
+        s["acceptance"] = mean_acceptance(outs, stride)
     if reference is not None:
         s["equal_to_ar"] = sum(o.token_ids == r.token_ids for o, r in zip(outs, reference))
     return s

@@ -3,8 +3,8 @@
 # uploads of limited size (the 98 MB SmolLM2 GGUF arrives in parts). Everything lives in /tmp/ss, which outlives one
 # command while the machine stays up; the sweep runs detached (setsid), so it outlives one command's time limit.
 #
-#   stash DIR...       copy the files of each DIR into /tmp/ss (the GGUF parts gguf.part1, gguf.part2, gguf.sha256; wheels
-#                      under DIR/extra/ go to /tmp/ss/extra)
+#   stash DIR...       copy the files of each DIR into /tmp/ss (the GGUF parts gguf.part1, gguf.part2,
+#                      gguf.sha256; wheels under DIR/extra/ go to /tmp/ss/extra)
 #   launch DIR [ARGS]  DIR holds the wheels the image lacks (scripts/dev/gpu_wheels.sh: transformers 5.6, llamafactory,
 #                      deepspeed, ...): install them into /tmp/ss/site, then each wheel of /tmp/ss/extra whose
 #                      distribution the image does not have (pyarrow, pandas, scipy, ...); install the project, join
@@ -49,24 +49,25 @@ collect() {
      2>/dev/null)
 }
 
+install() {  # wheels into $S/site, no index, no dependencies (the image and the other wheels bring them)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S/site "$@"
+}
+
 case "${1:-}" in
   stash)
     shift; mkdir -p $S && for d in "$@"; do cp -r "$d"/. $S/ || exit 1; done; ls -la $S; ls $S/extra | wc -l ;;
   launch)
     mkdir -p $S/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S/site "$2"/*.whl \
-      || exit 1
+    install "$2"/*.whl || exit 1
     missing=()
     for w in $S/extra/*.whl; do
       [ -f "$w" ] || continue
       dist=$(basename "$w" | cut -d- -f1)
       python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$w")
     done
-    echo "extra wheels installed (the image lacks them): ${#missing[@]}: $(for w in "${missing[@]}"; do basename "$w" | cut -d- -f1; done | tr '\n' ' ')"
-    if [ ${#missing[@]} -gt 0 ]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $S/site "${missing[@]}" \
-        || exit 1
-    fi
+    echo "extra wheels installed (the image lacks them): ${#missing[@]}:" \
+      "$(for w in "${missing[@]}"; do basename "$w" | cut -d- -f1; done | tr '\n' ' ')"
+    if [ ${#missing[@]} -gt 0 ]; then install "${missing[@]}" || exit 1; fi
     python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     cat $S/gguf.part1 $S/gguf.part2 > $S/model.gguf
     [ "$(sha256sum $S/model.gguf | cut -d' ' -f1)" = "$(cat $S/gguf.sha256)" ] || { echo "GGUF checksum mismatch"; exit 1; }
