@@ -553,10 +553,11 @@ class ISDEngine:
 
     def _step_width(self, need: int, batch: int) -> int:
         """Rows per request of one ISD decode forward: ``need`` (the widest request's 1 + k + N - 1), padded on a CPU
-        until batch x rows is a multiple of 8 where the context has room. CPU matmuls take up to 1.7x as long for a
-        row count off a multiple of 8 (one SmolLM2-135M forward on 2 cores: 164 ms at 3 rows, 115 at 7, 94 at 8;
-        docs/results/small_scale.md). The extra rows are MASK rows after every real one: causal attention keeps them
-        out of the real rows' outputs, and the cache drops their KV with the other unaccepted rows."""
+        until batch x rows is a multiple of 8 where the context has room. CPU matmuls are slower for a row count off
+        a multiple of 8 (a SmolLM2-135M forward on 2 cores took 109-131 ms at 7 rows and 91-120 ms at 8:
+        scripts/dev/cpu_row_cost.py, docs/results/small_scale.md). The extra rows are MASK rows after every real one:
+        causal attention keeps them out of the real rows' outputs, and the cache drops their KV with the other
+        unaccepted rows."""
         if self.device.type != "cpu" or self.stride == 1:
             return need
         width = need
