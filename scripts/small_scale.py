@@ -191,7 +191,7 @@ def main() -> int:
         final = sorted((out / chosen).glob("stage*-n*"))[-1]
         summary["served"] = {chosen: serve_and_eval(chosen, ["--model", str(final), "--stride", str(s["stride"])],
                                                     s["benchmarks"], out)}
-        adapter = sorted((out / s["adapter_run"]).glob("adapter*"))
+        adapter = sorted((out / s["adapter_run"]).glob("adapter*")) if s.get("adapter_run") else []
         if adapter:
             summary["served"]["base+adapter"] = serve_and_eval(
                 "base", ["--model", str(out / "work" / "base"), "--lora", str(adapter[-1])], s["benchmarks"], out)

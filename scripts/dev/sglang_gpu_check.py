@@ -262,7 +262,8 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
     result = {"format": "idlm-bench-throughput", "device": REPORT.get("gpu") or "not recorded (rebuilt)",
               "sglang": SGLANG_VERSION,
               "verify_attention": verify_attention, "isd_overlap_schedule": overlap,
-              "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, triton attention, CUDA graphs",
+              "model": "Qwen3-8B shape, random weights (--load-format dummy), bf16, CUDA graphs",
+              "attention_backend": REPORT.get("attention_backend", "triton"),
               "dataset": "random-512in", "max_tokens": bench_isd.get("max_tokens"), "results": rows,
               "isd_step_over_ar_step": {str(c): r for c, r in ratios.items()},
               "targets": {"32": 1.4, "64": 2.1},
@@ -301,6 +302,10 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=330)
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--attention-backend", default=os.environ.get("IDLM_SGLANG_ATTENTION", "triton"),
+                    choices=["triton", "flashinfer"], help="every server's --attention-backend (ISD, AR, R-ISD)")
+    ap.add_argument("--mem-fraction", type=float, default=float(os.environ.get("IDLM_SGLANG_MEM_FRACTION", "0.8")),
+                    help="--mem-fraction-static of each server (lower it when other work shares the GPU)")
     ap.add_argument("--train-steps", type=int, default=int(os.environ.get("TRAIN_STEPS", "300")),
                     help="steps of the synthetic-language training of the tiny model "
                          "(idlm.inference.sglang_isd.testing)")
@@ -326,11 +331,14 @@ def main() -> int:
             raise RuntimeError("CUDA is not available")
         REPORT["gpu"] = torch.cuda.get_device_name(0)
         big = write_dummy_qwen3_8b(work, stride=4) if 2 in phases else None
-        small = ["--mem-fraction-static", "0.8", "--max-total-tokens", "60000", "--max-running-requests", "64",
-                 "--cuda-graph-max-bs", "64", "--dtype", "bfloat16"]
-        bigf = ["--load-format", "dummy", "--mem-fraction-static", "0.8", "--max-total-tokens", "60000",
-                "--max-running-requests", "64", "--cuda-graph-max-bs", "64", "--dtype", "bfloat16",
-                "--context-length", "4096"]
+        backend = ["--attention-backend", args.attention_backend]  # after BASE_FLAGS: the later flag wins
+        REPORT["attention_backend"] = args.attention_backend
+        mem = ["--mem-fraction-static", str(args.mem_fraction)]
+        small = backend + mem + ["--max-total-tokens", "60000", "--max-running-requests", "64",
+                                 "--cuda-graph-max-bs", "64", "--dtype", "bfloat16"]
+        bigf = backend + mem + ["--load-format", "dummy", "--max-total-tokens", "60000",
+                                "--max-running-requests", "64", "--cuda-graph-max-bs", "64", "--dtype", "bfloat16",
+                                "--context-length", "4096"]
         yaml4 = ROOT / "configs/inference/idlm_blockN4.yaml"
         profile_env = {"IDLM_ISD_PROFILE": str(args.profile)} if args.profile else {}
         if 2 in phases:  # the 8B servers start first: their start-up is the longest
