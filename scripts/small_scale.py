@@ -7,7 +7,8 @@
 3. the run to serve is chosen by the sweep's quality targets; `idlm serve` (native engine) serves it at the sweep's
    stride, and the base with the adapter run's gated LoRA (R-ISD); `idlm eval` scores both (greedy, --no-thinking);
 4. OUT/sweep.json gathers every run's eval.json and the scores; OUT/frontier.png plots quality loss against TPF
-   (`--plot OUT/sweep.json` draws it again, e.g. on a machine with matplotlib when the GPU image has none).
+   (`--plot OUT/sweep.json [MORE.json ...]` draws it again, several sweeps in one plot, e.g. on a machine with
+   matplotlib when the GPU image has none).
 
 ``--set`` overrides are added to every `idlm train` call (e.g. base.gguf=PATH). Each step skips what is done.
 """
@@ -144,12 +145,16 @@ def main() -> int:
     ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
     ap.add_argument("--skip-serve", action="store_true")
-    ap.add_argument("--plot", metavar="SWEEP_JSON", help="only draw the frontier plot of a finished sweep.json "
-                    "(beside it, as frontier.png)")
+    ap.add_argument("--plot", metavar="SWEEP_JSON", nargs="+", help="only draw the frontier plot of finished "
+                    "sweep.json files, their runs together (beside the first, as frontier.png)")
     args = ap.parse_args()
     if args.plot:
-        path = Path(args.plot)
-        frontier_plot(json.loads(path.read_text())["runs"], path.with_name("frontier.png"))
+        path = Path(args.plot[0])
+        runs: dict[str, dict] = {}
+        for f in args.plot:
+            for name, r in json.loads(Path(f).read_text())["runs"].items():
+                runs[name if name not in runs else f"{name} ({Path(f).stem})"] = r
+        frontier_plot(runs, path.with_name("frontier.png"))
         log(f"wrote {path.with_name('frontier.png')}")
         return 0
     sweep = yaml.safe_load(Path(args.sweep).read_text())
