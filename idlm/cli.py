@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from idlm.errors import UserError
+from idlm.requests import DEFAULT_DRAFT_MODE
 
 EXIT_USAGE = 2
 
@@ -86,7 +87,8 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
         extra += ["--dtype", args.dtype]
     extra += shlex.split(args.sglang_args or "")
     argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port, python=sys.executable,
-                                     draft_mode=args.draft_mode, extra=extra, lora=args.lora)
+                                     draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["sglang"], extra=extra,
+                                     lora=args.lora)
     if args.print_command:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv))
         return 0
@@ -114,7 +116,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         log_level="info" if args.verbose else "warning",
         max_request_bytes=args.max_request_bytes,
-        draft_mode=args.draft_mode,
+        draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["native"],
     )
     return 0
 
@@ -138,9 +140,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="native engine: request bodies larger than this get HTTP 413 (default 8 MiB)")
-    p.add_argument("--draft-mode", default="argmax", choices=["argmax", "sample"],
-                   help="how sampled requests draft, on both engines (both exact, see docs/isd.md; default argmax: "
-                        "no sampling pass for the drafts)")
+    p.add_argument("--draft-mode", default=None, choices=["sample", "argmax"],
+                   help="how sampled requests draft (both exact, see docs/isd.md; default: sample on the native "
+                        "engine, argmax on sglang, idlm.requests.DEFAULT_DRAFT_MODE says why)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
     p.add_argument("--print-command", action="store_true", help="sglang engine: print the launch command and exit")
     p.set_defaults(func=_cmd_serve)
@@ -181,7 +183,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop_token_ids=stop_token_ids(tokenizer, engine.model),
-                            seed=args.seed, draft_mode=args.draft_mode)
+                            seed=args.seed, draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["native"])
     try:
         out = engine.generate([prompt_ids], params)[0]
     except ValueError as exc:  # the engine's checks of the request (empty prompt, too long, ...)
@@ -211,7 +213,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
     p.add_argument("--lora", default=None, help="gated-LoRA adapter directory (R-ISD on a base model)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--draft-mode", default="sample", choices=["sample", "argmax", "paper_argmax"],
+    p.add_argument("--draft-mode", default=None, choices=["sample", "argmax", "paper_argmax"],
                    help="how drafts are proposed: sample (exact, default), argmax (exact, deterministic drafts), "
                         "paper_argmax (the paper's biased rule, for comparison only)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

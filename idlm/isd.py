@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 import torch
 
 from idlm.config import step_rows
+from idlm.requests import SERVING_DRAFT_MODES
 from idlm.sampling import normalize, sample_from_probs
 
-DRAFT_MODES = ("sample", "argmax", "paper_argmax")
+DRAFT_MODES = (*SERVING_DRAFT_MODES, "paper_argmax")
 
 
 def check_draft_mode(mode: str) -> None:

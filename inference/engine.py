@@ -38,7 +38,15 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
-from idlm.requests import check_max_new_tokens, check_seed, check_temperature, check_top_k, check_top_p, is_greedy
+from idlm.requests import (
+    DEFAULT_DRAFT_MODE,
+    check_max_new_tokens,
+    check_seed,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    is_greedy,
+)
 from idlm.sampling import process_logits, sample_from_probs
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
-    draft_mode: str = "sample"
+    draft_mode: str = DEFAULT_DRAFT_MODE["native"]
 
 
 @dataclass

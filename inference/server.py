@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from idlm.chat import ChatTemplateError, encode_messages, stop_token_ids
 from idlm.errors import UserError
 from idlm.isd import check_draft_mode
-from idlm.requests import check_seed, check_temperature, check_top_k, check_top_p, show
+from idlm.requests import DEFAULT_DRAFT_MODE, check_seed, check_temperature, check_top_k, check_top_p, show
 
 from .runner import EngineFailure, EngineRunner, RequestRejected, RequestStream
 from .server_schema import (
@@ -104,7 +104,7 @@ class _TextTracker:
 
 # ---------------------------------------------------------------------------------------------- the app
 class _Server:
-    def __init__(self, runner: EngineRunner, model_name: str, draft_mode: str = "sample"):
+    def __init__(self, runner: EngineRunner, model_name: str, draft_mode: str = DEFAULT_DRAFT_MODE["native"]):
         check_draft_mode(draft_mode)
         self.runner = runner
         self.model_name = model_name
@@ -411,7 +411,8 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], None] | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft_mode: str = "sample") -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               draft_mode: str = DEFAULT_DRAFT_MODE["native"]) -> FastAPI:
     """The FastAPI app over a started ``runner``; ``on_ready`` runs once the server starts up. A request body over
     ``max_request_bytes`` is refused with 413; sampled requests draft by ``draft_mode``."""
 
@@ -520,7 +521,7 @@ def serve(
     dtype: str = "auto",
     log_level: str = "warning",
     max_request_bytes: int | None = None,
-    draft_mode: str = "sample",
+    draft_mode: str = DEFAULT_DRAFT_MODE["native"],
 ) -> None:
     """Load the checkpoint into the reference ISD engine and serve it until interrupted; sampled requests draft by
     ``draft_mode`` (``sample`` or ``argmax``, both exact, see `idlm.isd`)."""

@@ -250,6 +250,10 @@ def test_launch_command_and_cli(tmp_path, capsys):
                  "--sglang-args", "--cuda-graph-max-bs 8"]) == 0
     out = capsys.readouterr().out
     assert "--speculative-num-draft-tokens 7" in out and out.strip().endswith("--cuda-graph-max-bs 8")
+    assert '"draft_mode": "argmax"' in out  # SGLang's default draft mode (idlm.requests.DEFAULT_DRAFT_MODE)
+    assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--stride", "4", "--print-command",
+                 "--draft-mode", "sample"]) == 0
+    assert '"draft_mode": "sample"' in capsys.readouterr().out
     assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--lora", str(tmp_path)]) == 2
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -20,6 +20,7 @@ from typing import Any
 
 from idlm.config import IDLMConfig, check_stride, read_idlm_config, step_rows
 from idlm.errors import UserError
+from idlm.requests import DEFAULT_DRAFT_MODE, SERVING_DRAFT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ SGLANG_VERSION = "0.5.15"  # the version whose internals this package was writte
 ALGORITHM_NAME = "ISD"  # --speculative-algorithm ISD
 PAPER_ALGORITHM_NAME = "IDLMBlockN"  # --dllm-algorithm IDLMBlockN (the paper's spelling, translated)
 ENV_CONFIG = "IDLM_ISD_CONFIG"
-DRAFT_MODES = ("argmax", "sample")  # both exact; "paper_argmax" (biased) is not offered for serving
 SUPPORTED_ATTENTION_BACKENDS = ("triton", "flashinfer", "fa3")
 
 # Paper YAML keys that only tuned its server-wide sampling or logging: sampling now comes from each request.
@@ -52,14 +52,14 @@ class ISDServeConfig:
     """
 
     stride: int
-    draft_mode: str = "argmax"
+    draft_mode: str = DEFAULT_DRAFT_MODE["sglang"]
     seed: int = 0
     lora: str | None = None
 
     def __post_init__(self) -> None:
         check_stride(self.stride)
-        if self.draft_mode not in DRAFT_MODES:
-            raise UserError(f"ISD draft_mode must be one of {', '.join(DRAFT_MODES)}, got {self.draft_mode!r}")
+        if self.draft_mode not in SERVING_DRAFT_MODES:
+            raise UserError(f"ISD draft_mode must be one of {', '.join(SERVING_DRAFT_MODES)}, got {self.draft_mode!r}")
 
     @property
     def num_draft_tokens(self) -> int:
@@ -258,7 +258,7 @@ def build_launch_command(
     host: str = "127.0.0.1",
     port: int = 30000,
     python: str = "python3",
-    draft_mode: str = "argmax",
+    draft_mode: str = DEFAULT_DRAFT_MODE["sglang"],
     extra: list[str] | None = None,
     lora: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
