@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from idlm.checkpoint import load_causal_lm
+from idlm.config import check_stride
 from idlm.errors import UserError
 
 ADAPTER_META_FILE = "idlm_adapter.json"
@@ -178,13 +180,9 @@ def save_gated_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    from idlm.config import check_stride
-
     check_stride(stride)
     base_name = base if isinstance(base, str) else (getattr(base, "name_or_path", None) or None)
     if isinstance(base, str):
-        from idlm.checkpoint import load_causal_lm
-
         model, tokenizer = load_causal_lm(base)
     else:
         model = copy.deepcopy(base)

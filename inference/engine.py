@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from idlm.checkpoint import idlm_config_of, load_causal_lm
 from idlm.config import decode_stride_problem
+from idlm.errors import UserError
 from idlm.isd import (
     ISDStats,
     build_step,
@@ -38,6 +40,7 @@ from idlm.isd import (
     verify_drafts,
     verify_greedy,
 )
+from idlm.lora import GatedLoRAConfig, load_gated_lora
 from idlm.requests import (
     DEFAULT_DRAFT_MODE,
     check_max_new_tokens,
@@ -400,15 +403,10 @@ class ISDEngine:
         """Load an I-DLM checkpoint (stride defaults to its ``idlm`` block), or a plain AR model with ``stride=1``,
         or (``lora``) a base AR model plus a gated-LoRA adapter directory for R-ISD (mask id and stride from the
         adapter). Raises `idlm.errors.UserError` for unusable paths."""
-        from idlm.checkpoint import idlm_config_of, load_causal_lm
-        from idlm.errors import UserError
-
         if stride is not None and decode_stride_problem(stride):
             raise UserError(decode_stride_problem(stride))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if lora is not None:
-            from idlm.lora import GatedLoRAConfig, load_gated_lora
-
             GatedLoRAConfig.load(lora)  # a bad adapter path fails before the (slow) model load
             model, tokenizer = load_causal_lm(path, dtype=dtype, device=device, attn_implementation="sdpa")
             model, meta = load_gated_lora(model, lora)

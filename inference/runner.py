@@ -186,10 +186,6 @@ class EngineRunner:
         """Run ``fn(engine)`` on the worker thread, between steps, and return its result (blocking)."""
         return self.call_future(fn).result(timeout)
 
-    async def acall(self, fn: Callable[[Any], Any]) -> Any:
-        """``call`` for coroutines."""
-        return await asyncio.wrap_future(self.call_future(fn))
-
     def call_future(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:

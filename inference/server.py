@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from idlm.chat import ChatTemplateError, encode_messages, stop_token_ids
 from idlm.errors import UserError
-from idlm.isd import check_draft_mode
+from idlm.isd import check_draft_mode, max_step_rows
 from idlm.requests import DEFAULT_DRAFT_MODE, check_seed, check_temperature, check_top_k, check_top_p, show
 
 from .runner import EngineFailure, EngineRunner, RequestRejected, RequestStream
@@ -391,8 +391,6 @@ def _context_slack(engine: Any) -> int:
     stride = getattr(engine, "stride", None)
     if not isinstance(stride, int) or stride < 1:
         return 0
-    from idlm.isd import max_step_rows
-
     return max_step_rows(stride) - 1
 
 

@@ -638,7 +638,7 @@ def test_a_request_that_breaks_the_engine_step_ends_alone(server):
                 if server.runner.num_requests()[0] == 2:
                     break
                 await asyncio.sleep(0.01)
-            hit = await server.runner.acall(sabotage)
+            hit = await asyncio.wrap_future(server.runner.call_future(sabotage))
             return await stream, await bad, hit
 
     failed_before = server.runner.stats.failed

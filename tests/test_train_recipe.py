@@ -11,10 +11,10 @@ import torch
 
 from idlm.cli import main as cli_main
 from idlm.errors import UserError
-from idlm.training.ckpt import COMMIT_FILE, committed_checkpoint, truncate_log
 from idlm.training.datacheck import check_dataset_dir, prepare_train_file, read_pretokenized
 from idlm.training.launch import stage_command, worker_env
 from idlm.training.recipe import PLAN_FILE, Plan, resolve_recipe
+from idlm.training.resume import COMMIT_FILE, committed_checkpoint, truncate_log
 from tests.helpers import write_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
 
+from idlm.checkpoint import load_config
+from idlm.config import IDLMConfig, ObjectiveConfig, read_idlm_config
 from idlm.errors import UserError
+from idlm.objective import idlm_loss
+from idlm.training.compile import compile_layers
+from idlm.training.flops import ModelShape, ar_work, device_peak_tflops, mfu, objective_work
 
 # Qwen3 dense shapes (public config.json values), for random-weight benchmarks without a download.
 QWEN3_SHAPES = {
@@ -81,18 +87,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _build_model(args, device, dtype):
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from idlm.config import read_idlm_config
-
     attn = args.attn or ("flex_attention" if device.type == "cuda" else "sdpa")
     if args.shape:
         cfg = Qwen3Config(**QWEN3_COMMON, **QWEN3_SHAPES[args.shape])
         idlm_block = None
         mask_id = args.mask_token_id if args.mask_token_id is not None else QWEN3_MASK_ID
     else:
-        from idlm.checkpoint import load_config
-
         cfg = load_config(args.model)
         idlm_block = read_idlm_config(cfg)
         mask_id = args.mask_token_id if args.mask_token_id is not None else (
@@ -112,8 +112,6 @@ def _build_model(args, device, dtype):
     model.config.use_cache = False
     model.train()
     if args.compile:
-        from idlm.training.compile import compile_layers
-
         compile_layers(model)
     return model, int(mask_id), int(stride), attn
 
@@ -135,10 +133,6 @@ def _sync(device):
 
 
 def run_bench(args) -> dict:
-    from idlm.config import IDLMConfig, ObjectiveConfig
-    from idlm.objective import idlm_loss
-    from idlm.training.flops import ModelShape, ar_work, device_peak_tflops, mfu, objective_work
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine")

@@ -30,6 +30,7 @@ from typing import Any
 from idlm.errors import UserError
 from idlm.jsonsafe import JSONInputError, decode_at, loads
 from idlm.requests import show
+from idlm.training.recipe import DATA_INFO_NAME
 
 IGNORE_INDEX = -100
 MAX_TOKEN_ID = 2 ** 31 - 1  # stored as int64 by `datasets`; real vocabularies are far smaller
@@ -374,15 +375,10 @@ def check_plan_data(plan) -> None:
     """Validate and prepare every local data source of a plan (run before any process starts)."""
     for c in plan.data_checks:
         if c["kind"] == "train_file":
-            prepare_train_file(c["file"], c["dataset_dir"], _info_name(), validate=c["validate"])
+            prepare_train_file(c["file"], c["dataset_dir"], DATA_INFO_NAME, validate=c["validate"])
         elif c["kind"] == "dataset" and c["validate"]:
             check_dataset_dir(c["dataset_dir"], c["names"])
     if plan.pretokenized:
         p = plan.pretokenized
         build_pretokenized(p["file"], p["path"], p["cutoff_len"])
 
-
-def _info_name() -> str:
-    from idlm.training.recipe import DATA_INFO_NAME
-
-    return DATA_INFO_NAME

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from idlm.objective import build_inputs, count_targets
+
 # Dense bf16/fp16 tensor-core peak of one device, in TFLOP/s (vendor data sheets).
 PEAK_TFLOPS_BF16 = {
     "H200": 989.4,
@@ -104,8 +106,6 @@ class StepWork:
 @torch.no_grad()
 def objective_work(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None, cfg) -> StepWork:
     """Work of one `idlm.objective.idlm_loss` micro-batch (see the module doc)."""
-    from idlm.objective import build_inputs, count_targets
-
     inputs = build_inputs(input_ids, labels, cfg.mask_token_id, cfg.block_size, attention_mask,
                           cfg.objective.block_align)
     layout = inputs.layout

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 from idlm.errors import UserError
-from idlm.training.ckpt import CKPT_RE, committed_checkpoint, truncate_log
+from idlm.training.datacheck import check_plan_data
 from idlm.training.recipe import PLAN_FILE, Plan, Stage, resolve_recipe, stage_done
+from idlm.training.resume import CKPT_RE, committed_checkpoint, truncate_log
 
 
 def _free_port() -> int:
@@ -134,7 +135,7 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, dry_run: bool = 
 
     phases: which of the pipeline's phases to run (`idlm.training.pipeline`): prepare (the base section),
     generate, train (the stages) and evaluate; each is skipped when its section is absent or its output exists."""
-    from idlm.training import pipeline
+    from idlm.training import pipeline  # generation and evaluation (the engine): only recipes with sections use it
 
     bad = sorted(set(phases) - set(PHASES))
     if bad:
@@ -158,8 +159,6 @@ def run_recipe(recipe: str, overrides: list[str] | None = None, dry_run: bool = 
 
 
 def _run_stages(plan: Plan, quiet: bool) -> int:
-    from idlm.training.datacheck import check_plan_data
-
     _check_base(plan)
     lead = plan.launch.node_rank == 0
     if lead:

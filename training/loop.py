@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from idlm.checkpoint import load_causal_lm, load_idlm
 from idlm.config import IDLMConfig, ObjectiveConfig, write_idlm_config
 from idlm.errors import UserError
-from idlm.objective import count_targets, idlm_loss
-from idlm.training.ckpt import truncate_log
+from idlm.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row, mask_row_of_token
+from idlm.objective import Teacher, count_targets, idlm_loss
 from idlm.training.curriculum import mark_stage_done
 from idlm.training.data import collate, encode_chat, load_chat_jsonl
+from idlm.training.resume import truncate_log
 
 
 @dataclass
@@ -184,9 +185,7 @@ def run_loop_stage(plan, stage) -> None:
     log_file = plan.log_file
     truncate_log(log_file, s.index, 0)  # an unfinished stage starts over: its earlier rows go
     if s.finetuning == "gated_lora":
-        from peft import LoraConfig, get_peft_model
-
-        from idlm.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row, mask_row_of_token
+        from peft import LoraConfig, get_peft_model  # PEFT only for gated-LoRA stages
 
         base, tok = load_causal_lm(lf["model_name_or_path"], dtype=torch.float32, device=device,
                                    attn_implementation="sdpa")
@@ -215,8 +214,6 @@ def run_loop_stage(plan, stage) -> None:
         cfg = IDLMConfig(mask_token_id=mask_id, stride=s.stride, objective=objective)
         teacher = None
         if objective.uses_teacher:
-            from idlm.objective import Teacher
-
             teacher = Teacher.load(s.teacher, torch.float32, device)
         tc = loop_config(lf, log_file)
         tc.log_tags = {"stage": s.index, "stride": s.stride}

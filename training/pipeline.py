@@ -28,7 +28,7 @@ from idlm.config import ObjectiveConfig
 from idlm.convert import convert
 from idlm.errors import UserError
 from idlm.training.eval_hooks import evaluate_plan
-from idlm.training.recipe import resolve_path
+from idlm.training.recipe import _looks_like_hub_id, resolve_path
 from idlm.training.responses import GenerationSettings, generate_training_data, read_prompt_sources
 
 BASE_KEYS = {"model", "gguf", "gguf_file", "dtype", "mask_token_id", "stride"}
@@ -98,8 +98,6 @@ def resolve_sections(raw: dict[str, Any], top: dict[str, Any], recipe_dir: Path,
         if b.get("gguf"):
             sec["gguf"] = gguf_location(str(b["gguf"]), recipe_dir, where)
         else:
-            from idlm.training.recipe import _looks_like_hub_id, resolve_path
-
             local = resolve_path(str(b["model"]), recipe_dir)
             if not local and not _looks_like_hub_id(str(b["model"])):
                 raise UserError(f"{where}: base.model not found: {b['model']!r} is neither a directory nor a hub id")

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from idlm.config import ObjectiveConfig, check_stride
 from idlm.errors import UserError
 from idlm.training.curriculum import STAGE_DONE_FILE, is_stage_done, stage_dir_name
 
@@ -316,7 +317,7 @@ def _data_hash(*parts: Any) -> str:
 
 def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan:
     """Read, merge and check a recipe; returns the `Plan` (nothing is started, nothing is written)."""
-    from idlm.training.pipeline import resolve_sections
+    from idlm.training.pipeline import resolve_sections  # pipeline imports this module
 
     recipe_path = Path(path).resolve()
     raw = apply_overrides(load_recipe(path), list(overrides or []))
@@ -424,8 +425,6 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
 
 
 def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageSettings, dict[str, Any]]:
-    from idlm.config import ObjectiveConfig, check_stride
-
     lf = {k: v for k, v in merged.items() if k not in IDLM_KEYS}
     for k, v in DEFAULTS.items():
         lf.setdefault(k, v)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
+from idlm.config import ObjectiveConfig
+from idlm.convert import convert
+from idlm.tiny import build_tiny_model
+
 
 def build_tiny_assets(out: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> dict[str, str]:
-    from idlm.config import ObjectiveConfig
-    from idlm.convert import convert
-    from idlm.tiny import build_tiny_model
-
     out = Path(out)
     base, idlm_base = out / "base", out / "idlm-base"
     if not (base / "config.json").is_file():

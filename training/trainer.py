@@ -35,9 +35,9 @@ from transformers.utils import ModelOutput
 
 from idlm.config import IDLMConfig
 from idlm.losses import IGNORE_INDEX
-from idlm.objective import Teacher, global_target_counts, idlm_loss
-from idlm.training.ckpt import COMMIT_FILE
+from idlm.objective import Teacher, count_targets, global_target_counts, idlm_loss
 from idlm.training.flops import ModelShape, StepWork, mfu, objective_work
+from idlm.training.resume import COMMIT_FILE
 
 try:  # the extension point is LlamaFactory's SFT trainer; plain HF Seq2SeqTrainer where it is not installed
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer as _BaseTrainer
@@ -242,8 +242,6 @@ class IDLMTrainer(_BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         st = self._step
         if st is None or not model.training:  # evaluation: this batch's own counts
-            from idlm.objective import count_targets
-
             n_noisy, n_clean = count_targets(inputs["labels"])
             st_eval = _StepState(n_noisy, n_clean, 1, self._step_weight(), StepWork())
             out = self._forward(model, inputs, st_eval)

@@ -13,7 +13,22 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from idlm.config import IDLMConfig, ObjectiveConfig, read_idlm_config, write_idlm_config
 from idlm.errors import UserError
+from idlm.lora import GatedLoRAConfig, attach_gate, free_mask_row, mask_row_of_token
+from idlm.objective import Teacher
+from idlm.training.compile import compile_layers
+from idlm.training.curriculum import mark_stage_done
+from idlm.training.ds_patch import skip_cpu_shm_comm_build
+from idlm.training.flops import device_peak_tflops
+from idlm.training.recipe import Plan
+
+# Imported inside run_stage, for the stage's trainer only: LlamaFactory (and idlm.training.trainer, which builds on
+# its SFT trainer) for trainer=llamafactory, idlm.training.loop for trainer=idlm, so that a stage of one kind never
+# loads the other's stack.
 
 EXIT_USAGE = 2
 
@@ -39,16 +54,11 @@ def _is_rank0() -> bool:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def run_stage(plan_path: str, index: int, resume: str | None) -> None:
-    from idlm.training.curriculum import mark_stage_done
-    from idlm.training.recipe import Plan
-
     plan = Plan.from_json(Path(plan_path).read_text())
     stage = plan.stages[index - 1]
     s = stage.settings
@@ -87,16 +97,11 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
                         "flex_attention (GPU) or sdpa")
     idlm_cfg, gated_meta = _stage_config(inner, tokenizer, s)
     if s.finetuning == "gated_lora":
-        from idlm.lora import attach_gate
-
         attach_gate(inner, idlm_cfg.mask_token_id)  # LoRA only on MASK rows, exactly as at inference
     else:
-        from idlm.config import write_idlm_config
-
         write_idlm_config(inner.config, idlm_cfg)  # every checkpoint of this stage carries its stride
         inner.config.mask_token_id = idlm_cfg.mask_token_id
 
-    from idlm.training.flops import device_peak_tflops
     from idlm.training.trainer import (
         CheckpointCommit,
         IDLMCollator,
@@ -107,16 +112,10 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
     )
 
     if s.compile_layers:
-        from idlm.training.compile import compile_layers
-
         compile_layers(inner)  # regional: the mask and the chunked loss stay eager
     teacher = None
     if idlm_cfg.objective.uses_teacher:
-        import torch
-
         t_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-        from idlm.objective import Teacher
-
         teacher = Teacher.load(s.teacher, t_dtype, training_args.device)
         t_rows = teacher.head.weight.shape[0]
         if t_rows != inner.get_output_embeddings().weight.shape[0]:
@@ -130,8 +129,6 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
     training_args.prediction_loss_only = True  # evaluation reports the objective's loss (no logits are computed)
     peak = s.peak_tflops
     if peak is None:
-        import torch
-
         dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
         peak = device_peak_tflops(training_args.device, dtype)
     trainer = IDLMTrainer(
@@ -170,18 +167,12 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
 
 def _stage_config(model, tokenizer, s):
     """(IDLMConfig of this stage, GatedLoRAConfig or None)."""
-    from idlm.config import IDLMConfig, ObjectiveConfig, read_idlm_config
-
     objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align,
                                 distill_kl=s.distill_kl, distill_soft=s.distill_soft)
     rows = model.get_input_embeddings().weight.shape[0]
     if s.finetuning == "gated_lora":
-        from idlm.lora import GatedLoRAConfig, free_mask_row
-
         mask_id = s.mask_token_id if s.mask_token_id is not None else free_mask_row(tokenizer, rows)
         if s.mask_token is not None:
-            from idlm.lora import mask_row_of_token
-
             mask_id = mask_row_of_token(tokenizer, s.mask_token)
         if mask_id is None or not 0 <= mask_id < rows:
             raise UserError(f"gated LoRA needs a MASK embedding row: the base model has {rows} rows and its tokenizer "
@@ -205,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the DeepSpeed launcher adds it
     args = parser.parse_args(argv)
     _die_with_parent()
-    from idlm.training.ds_patch import skip_cpu_shm_comm_build
-
     skip_cpu_shm_comm_build()
     try:
         run_stage(args.plan, args.stage, args.resume)
@@ -220,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 def _shutdown() -> None:
     """Leave without the interpreter's teardown: after the stage is written, background threads of the process
     group (gloo, ZeRO-3) can abort ("terminate called without an active exception") while Python exits."""
-    import torch.distributed as dist
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()

@@ -270,7 +270,7 @@ def build_launch_command(
     ``extra`` is appended verbatim, so a later flag overrides them.
     """
     if lora is not None:
-        from idlm.lora import GatedLoRAConfig
+        from idlm.lora import GatedLoRAConfig  # torch and transformers: only for R-ISD launches
 
         meta = GatedLoRAConfig.load(lora)
         cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()))

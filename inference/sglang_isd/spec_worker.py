@@ -41,6 +41,7 @@ from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 from sglang.srt.speculative.spec_utils import record_stream_for_v2_verify
 from sglang.srt.speculative.triton_ops.cache_locs import assign_extend_cache_locs_func
 
+from idlm.lora import GatedLoRAConfig
 from idlm.requests import is_greedy
 from idlm.sampling import BatchHints
 
@@ -147,8 +148,6 @@ class ISDWorker(BaseSpecWorker):
         self.cfg = ISDServeConfig.from_env(stride=stride)
         self.vocab_size = self.model_runner.model_config.vocab_size
         if self.cfg.lora:  # R-ISD: a base model plus a gated LoRA on the MASK rows
-            from idlm.lora import GatedLoRAConfig
-
             meta = GatedLoRAConfig.load(self.cfg.lora)
             if meta.stride != stride:
                 log.warning("R-ISD: the adapter was trained for stride %d, served with stride %d", meta.stride, stride)

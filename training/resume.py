@@ -1,4 +1,5 @@
-"""Checkpoint bookkeeping shared by the launcher and the trainer (kept free of heavy imports)."""
+"""Resuming a stage: which checkpoint-N of a stage directory is committed, and the training log cut back to it
+(shared by the launcher and the trainers, kept free of heavy imports)."""
 
 from __future__ import annotations
 
