@@ -5,7 +5,8 @@
 1. `idlm train RECIPE --phases prepare,generate`: the base, its conversion and the generated data (shared work_dir);
 2. `idlm train RECIPE output_dir=OUT/<run> <overrides>` for every run of the sweep, all at once (one GPU holds them);
 3. the run to serve is chosen by the sweep's quality targets; `idlm serve` (native engine) serves it at the sweep's
-   stride, and the base with the adapter run's gated LoRA (R-ISD); `idlm eval` scores both (greedy, --no-thinking);
+   stride, and the base with the adapter run's gated LoRA (R-ISD); `idlm eval` scores both (--no-thinking) under
+   each of the sweep's serve.protocols: greedy (the default) and/or paper (temperature 1.0, top-p 0.95, top-k 50);
 4. OUT/sweep.json gathers every run's eval.json and the scores; OUT/frontier.png plots quality loss against TPF
    (`--plot OUT/sweep.json [MORE.json ...]` draws it again, several sweeps in one plot, e.g. on a machine with
    matplotlib when the GPU image has none).
@@ -80,9 +81,17 @@ def gsm8k_tpf(r: dict) -> float:
     return isd[f"gsm8k_greedy_n{n}"]["tpf"]
 
 
-def choose(results: dict[str, dict], targets: dict) -> str:
+def converted_runs(results: dict[str, dict]) -> dict[str, dict]:
+    """The runs that trained a conversion (an adapter-only run has no converted model to choose or plot)."""
+    return {n: r for n, r in results.items() if "converted" in r}
+
+
+def choose(results: dict[str, dict], targets: dict) -> str | None:
     """The run to serve: highest greedy GSM8K TPF at the largest stride among the runs within both quality targets,
-    else the run with the lowest KL."""
+    else the run with the lowest KL; None when no run trained a conversion."""
+    results = converted_runs(results)
+    if not results:
+        return None
     ok = [n for n, r in results.items() if r["converted"]["quality"]["kl_per_token"] <= targets["kl_per_token"]
           and r["converted"]["quality"]["nll_ratio"] <= targets["nll_ratio"]]
     if ok:
@@ -90,7 +99,18 @@ def choose(results: dict[str, dict], targets: dict) -> str:
     return min(results, key=lambda n: results[n]["converted"]["quality"]["kl_per_token"])
 
 
-def serve_and_eval(name: str, serve_args: list[str], benchmarks: dict, out: Path) -> dict:
+# `idlm eval` sampling flags by protocol name (sweep.serve.protocols; default: greedy only)
+PROTOCOLS = {"greedy": ["--temperature", "0"],
+             "paper": ["--temperature", "1.0", "--top-p", "0.95", "--top-k", "50"]}  # the paper's evaluation
+
+
+def serve_and_eval(name: str, serve_args: list[str], benchmarks: dict, out: Path,
+                   protocols: tuple[str, ...] = ("greedy",)) -> dict:
+    """Serve one model with `idlm serve` and score it with `idlm eval` on ``benchmarks`` under each protocol;
+    returns {bench: {...}} for greedy alone (the first sweep's layout), else {protocol: {bench: {...}}}."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise SystemExit(f"unknown serve protocol(s) {unknown}: choose from {sorted(PROTOCOLS)}")
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     server = run_logged(idlm("serve", *serve_args, "--port", str(port), "--max-batch-size", "64"),
@@ -98,21 +118,24 @@ def serve_and_eval(name: str, serve_args: list[str], benchmarks: dict, out: Path
     scores: dict = {}
     try:
         wait_healthy(base_url, server)
-        for bench, limit in benchmarks.items():
-            t0 = time.time()
-            cmd = idlm("eval", "--base-url", f"{base_url}/v1", "--suite", bench, "--output", str(out / f"eval-{name}"),
-                       "--temperature", "0", "--no-thinking", "--max-tokens", "512", "--concurrency", "64",
-                       "--no-progress", *(["--limit", str(limit)] if limit else []))
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=(out / f"eval-{name}.log").open("a"),
-                                stderr=subprocess.STDOUT).returncode
-            summary = out / f"eval-{name}" / "summary.json"
-            got = json.loads(summary.read_text())["benchmarks"].get(bench) if summary.is_file() else None
-            scores[bench] = {"exit": rc, "seconds": round(time.time() - t0, 1), "summary": got}
-            log(f"{name} {bench}: exit {rc}, {json.dumps(got)[:300] if got else 'no summary'}")
+        for protocol in protocols:
+            tag = name if protocol == "greedy" else f"{name}-{protocol}"
+            scores[protocol] = {}
+            for bench, limit in benchmarks.items():
+                t0 = time.time()
+                cmd = idlm("eval", "--base-url", f"{base_url}/v1", "--suite", bench, "--output",
+                           str(out / f"eval-{tag}"), *PROTOCOLS[protocol], "--no-thinking", "--max-tokens", "512",
+                           "--concurrency", "64", "--no-progress", *(["--limit", str(limit)] if limit else []))
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=(out / f"eval-{tag}.log").open("a"),
+                                    stderr=subprocess.STDOUT).returncode
+                summary = out / f"eval-{tag}" / "summary.json"
+                got = json.loads(summary.read_text())["benchmarks"].get(bench) if summary.is_file() else None
+                scores[protocol][bench] = {"exit": rc, "seconds": round(time.time() - t0, 1), "summary": got}
+                log(f"{tag} {bench}: exit {rc}, {json.dumps(got)[:300] if got else 'no summary'}")
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return scores
+    return scores["greedy"] if tuple(protocols) == ("greedy",) else scores
 
 
 def frontier_plot(results: dict[str, dict], path: Path) -> None:
@@ -122,7 +145,7 @@ def frontier_plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
+    for name, r in converted_runs(results).items():
         q = r["converted"]["quality"]
         y = gsm8k_tpf(r)
         for ax, x in ((axes[0], q["kl_per_token"]), (axes[1], 100 * (q["nll_ratio"] - 1))):
@@ -182,7 +205,7 @@ def main() -> int:
         if p.is_file():
             results[name] = json.loads(p.read_text())
     summary: dict = {"exit_codes": codes, "runs": results, "seconds_train": round(time.time() - t0, 1)}
-    if results:
+    if converted_runs(results):
         try:
             frontier_plot(results, out / "frontier.png")
         except ImportError as e:  # a GPU image without matplotlib: `--plot OUT/sweep.json` draws it elsewhere
@@ -192,14 +215,18 @@ def main() -> int:
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.skip_serve and results:
         s = sweep["serve"]
-        chosen = summary["chosen"]
-        final = sorted((out / chosen).glob("stage*-n*"))[-1]
-        summary["served"] = {chosen: serve_and_eval(chosen, ["--model", str(final), "--stride", str(s["stride"])],
-                                                    s["benchmarks"], out)}
+        chosen = summary.get("chosen")
+        protocols = tuple(s.get("protocols", ["greedy"]))
+        summary["served"] = {}
+        if chosen:
+            final = sorted((out / chosen).glob("stage*-n*"))[-1]
+            summary["served"][chosen] = serve_and_eval(chosen, ["--model", str(final), "--stride", str(s["stride"])],
+                                                       s["benchmarks"], out, protocols)
         adapter = sorted((out / s["adapter_run"]).glob("adapter*")) if s.get("adapter_run") else []
         if adapter:
             summary["served"]["base+adapter"] = serve_and_eval(
-                "base", ["--model", str(out / "work" / "base"), "--lora", str(adapter[-1])], s["benchmarks"], out)
+                "base", ["--model", str(out / "work" / "base"), "--lora", str(adapter[-1])], s["benchmarks"], out,
+                protocols)
         summary["seconds_total"] = round(time.time() - t0, 1)
         (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done in {time.time() - t0:.0f} s: {out / 'sweep.json'}")

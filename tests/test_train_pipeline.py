@@ -116,3 +116,24 @@ def test_pipeline_llamafactory_with_teacher(files, tmp_path):
     lf_rows = [r for r in log if r["stage"] in (1, 2)]
     assert lf_rows and all("kl_clean" in r and "kl_noisy" in r for r in lf_rows)
     assert abs(lf_rows[0]["kl_clean"]) < 1e-6
+
+
+def test_adapter_only_recipe(files, tmp_path):
+    """`stages: []` with an adapter section: R-ISD on the unchanged base, nothing converted is trained; the hooks
+    report the adapter (== the base's greedy output) and no converted model. Without an adapter the same recipe is
+    refused."""
+    out = tmp_path / "adapter_only"
+    recipe = _recipe(files, out, "idlm")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["stages"] = []
+    recipe.write_text(yaml.safe_dump(raw))
+    _run(recipe, tmp_path / "adapter.log")
+    assert (out / "adapter1-n3" / STAGE_DONE_FILE).is_file() and not (out / "stage1-n2").exists()
+    res = json.loads((out / "eval.json").read_text())
+    assert "converted" not in res and res["base_quality"]["heldout_nll"] > 0
+    assert res["adapter"]["isd"] and all(s["equal_to_ar"] == s["requests"] for s in res["adapter"]["isd"].values())
+    raw.pop("adapter")
+    recipe.write_text(yaml.safe_dump(raw))
+    r = subprocess.run([sys.executable, "-m", "idlm.cli", "train", "--dry-run", str(recipe)], cwd=REPO,
+                       env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no 'adapter' section: nothing to train" in r.stderr

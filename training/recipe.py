@@ -335,14 +335,16 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
         raise UserError(f"{where}: 'output_dir' is required")
     if stages_raw is None:
         stages_raw = [{}]
-    if not isinstance(stages_raw, list) or not stages_raw or not all(isinstance(s, dict) for s in stages_raw):
-        raise UserError(f"{where}: 'stages' must be a non-empty list of mappings, e.g. [{{stride: 2}}, {{stride: 3}}]")
+    if not isinstance(stages_raw, list) or not all(isinstance(s, dict) for s in stages_raw):
+        raise UserError(f"{where}: 'stages' must be a list of mappings, e.g. [{{stride: 2}}, {{stride: 3}}]")
     recipe_dir = recipe_path.parent
     output_dir = resolve_path(str(top["output_dir"]), recipe_dir, must_exist=False)
     work_dir = resolve_path(str(top.pop("work_dir", None) or output_dir), recipe_dir, must_exist=False)
     log_file = top.get("log_file") or os.path.join(output_dir, "train_log.jsonl")
     sections, top = resolve_sections(sections_raw, top, recipe_dir, work_dir, where)
     adapter = sections.pop("adapter", None)
+    if not stages_raw and adapter is None:  # an empty curriculum is only an adapter recipe (R-ISD on the base)
+        raise UserError(f"{where}: 'stages' is empty and there is no 'adapter' section: nothing to train")
 
     stages: list[Stage] = []
     data_checks: list[dict[str, Any]] = []
