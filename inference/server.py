@@ -7,14 +7,13 @@ the same engine steps by an ``EngineRunner`` (inference/runner.py) that owns the
 Besides the OpenAI fields the server reads ``top_k`` and ``ignore_eos``, and adds to each response an ``idlm``
 object: ``tpf`` (tokens per forward), ``forwards`` and ``acceptance`` (the engine's per-position acceptance).
 Errors use OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``; request bodies are read and checked
-by inference/server_schema.py (size limit, safe JSON, field rules), so bad input gets a 4xx naming the field.
+by inference/server_schema.py (size limit, safe JSON, field rules), so bad input gets a 4xx naming the field;
+streaming (text pieces with stop strings held back, SSE framing, client disconnects) is inference/server_stream.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -48,6 +47,7 @@ from .server_schema import (
     validation_message,
 )
 from .server_schema import bad as _bad
+from .server_stream import SSE_DONE, SSE_HEADERS, ClientGone, TextTracker, sse_event, unless_disconnected
 
 log = logging.getLogger(__name__)
 
@@ -56,50 +56,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
-
-
-# ---------------------------------------------------------------------------------------------- text tracking
-class _TextTracker:
-    """Decodes the whole token list at each update and hands out the new suffix of the text.
-
-    Trailing U+FFFD (an incomplete multi-byte character) and a tail that could begin a stop string are held
-    back until they resolve, so the streamed pieces concatenate to exactly the final text.
-    """
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.text = ""  # the final text so far (everything handed out)
-        self.sent = 0
-
-    def update(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
-        """(new text, stop string seen)."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        hit = None
-        for s in self.stop:
-            i = text.find(s, max(0, self.sent - len(s) + 1))
-            if i >= 0 and (hit is None or i < hit):
-                hit = i
-        if hit is not None:
-            end = max(hit, self.sent)
-        elif final:
-            end = len(text)
-        else:
-            end = len(text)
-            while end > self.sent and text[end - 1] == "\ufffd":
-                end -= 1
-            hold = 0
-            for s in self.stop:
-                for k in range(min(len(s) - 1, end - self.sent), hold, -1):
-                    if text[end - k:end] == s[:k]:
-                        hold = k
-                        break
-            end -= hold
-        end = max(end, self.sent)
-        delta = text[self.sent:end]
-        self.text = self.text[:self.sent] + delta
-        self.sent = end
-        return delta, hit is not None
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -245,7 +201,7 @@ class _Server:
 
     async def events(self, stream: RequestStream, stop: list[str]) -> AsyncIterator[tuple[str, str | None, Any]]:
         """(new text, finish reason or None, latest RequestOutput); aborts the request when left early."""
-        tracker = _TextTracker(self.tokenizer, stop)
+        tracker = TextTracker(self.tokenizer, stop)
         try:
             async for out in stream:
                 delta, hit = tracker.update(out.token_ids, final=out.finished)
@@ -282,13 +238,13 @@ class _Server:
         base = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         try:
-            stream = await _unless_disconnected(request, self.submit(prompt_ids, params, rid))
-        except _ClientGone:
+            stream = await unless_disconnected(request, self.submit(prompt_ids, params, rid))
+        except ClientGone:
             return Response(status_code=499)
         if not req.stream:
             try:
-                text, reason, last = await _unless_disconnected(request, self.collect(stream, stop))
-            except _ClientGone:
+                text, reason, last = await unless_disconnected(request, self.collect(stream, stop))
+            except ClientGone:
                 stream.abort()
                 return Response(status_code=499)
             except EngineFailure as exc:
@@ -300,8 +256,8 @@ class _Server:
 
         events = self.events(stream, stop)
         try:  # wait for the first output so that an engine failure can still answer 500
-            first = await _unless_disconnected(request, events.__anext__())
-        except _ClientGone:
+            first = await unless_disconnected(request, events.__anext__())
+        except ClientGone:
             stream.abort()
             return Response(status_code=499)
         except EngineFailure as exc:
@@ -320,7 +276,7 @@ class _Server:
                 choice = {"index": 0, "delta": delta}
             else:
                 choice = {"index": 0, "text": text or ""}
-            return _sse({**base, "choices": [{**choice, "logprobs": None, "finish_reason": finish}], **extra})
+            return sse_event({**base, "choices": [{**choice, "logprobs": None, "finish_reason": finish}], **extra})
 
         async def sse() -> AsyncIterator[str]:
             last = None
@@ -337,46 +293,20 @@ class _Server:
                         break
                     item = await anext(events, None)
             except EngineFailure as exc:
-                yield _sse(error_body(str(exc), "server_error", code="engine_error"))
+                yield sse_event(error_body(str(exc), "server_error", code="engine_error"))
             finally:
                 stream.abort()  # no-op after the end; frees the batch slot when the client went away
                 await events.aclose()
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": self.usage(len(prompt_ids), last),
+                yield sse_event({**base, "choices": [], "usage": self.usage(len(prompt_ids), last),
                             "idlm": _idlm_stats(last)})
             yield SSE_DONE
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     def usage(self, prompt_len: int, out: Any) -> dict:
         completion = len(out.token_ids) if out is not None else 0
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
-    """Await ``awaitable``; cancel it and raise _ClientGone if the client disconnects first."""
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()  # a cancelled submit aborts its request; a cancelled collect aborts through events()
-    if not task.done() or task.cancelled():
-        raise _ClientGone()
-    return task.result()
 
 
 def _idlm_stats(out: Any) -> dict:
@@ -400,12 +330,6 @@ def _pick(value, default, fallback):
     return default if default is not None else fallback
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(runner: EngineRunner, model_name: str, on_ready: Callable[[], None] | None = None,

@@ -239,10 +239,10 @@ class _CharTokenizer:
 
 
 def test_text_tracker_holds_back_partial_characters_and_stop_strings():
-    from idlm.inference.server import _TextTracker
+    from idlm.inference.server_stream import TextTracker
 
     data = "héllo wörld STOP after".encode()
-    tracker = _TextTracker(_CharTokenizer(), ["STOP"])
+    tracker = TextTracker(_CharTokenizer(), ["STOP"])
     pieces, hit = [], False
     for end in range(1, len(data) + 1):
         delta, hit = tracker.update(list(data[:end]), final=False)
@@ -251,7 +251,7 @@ def test_text_tracker_holds_back_partial_characters_and_stop_strings():
         if hit:
             break
     assert hit and "".join(pieces) == "héllo wörld " == tracker.text
-    tracker = _TextTracker(_CharTokenizer(), ["zz"])
+    tracker = TextTracker(_CharTokenizer(), ["zz"])
     assert tracker.update(list("ab\u00e9".encode()[:-1]), final=False) == ("ab", False)
     assert tracker.update(list("ab\u00e9z".encode()), final=False) == ("\u00e9", False)
     assert tracker.update(list("ab\u00e9z!".encode()), final=True) == ("z!", False)
