@@ -40,7 +40,6 @@ def _sync() -> None:
 
 def read_gsm8k(path: str, limit: int) -> list[dict[str, str]]:
     """The first ``limit`` GSM8K rows (question and gold answer) of a JSONL file."""
-
     rows = []
     for n, row in iter_rows(path):
         if not isinstance(row, dict) or "question" not in row or "answer" not in row:
@@ -53,7 +52,6 @@ def read_gsm8k(path: str, limit: int) -> list[dict[str, str]]:
 
 def read_ifeval_prompts(path: str, limit: int) -> list[str]:
     """The first ``limit`` IFEval prompts of a JSONL file."""
-
     out = []
     for n, row in iter_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
@@ -75,7 +73,6 @@ def decode(engine, prompts: list[list[int]], params) -> tuple[list, float]:
 def decode_summary(outs: list, seconds: float, stride: int, reference: list | None = None) -> dict[str, Any]:
     """TPF (pooled: decode-forward tokens / decode forwards), acceptance per draft position (mean over requests),
     tokens/s of the batch, and how many requests equal ``reference`` (greedy AR) token for token."""
-
     tokens = sum(len(o.token_ids) for o in outs)
     s: dict[str, Any] = {"stride": stride, "requests": len(outs), "tokens": tokens,
                          "forwards": sum(o.forwards for o in outs), "tpf": pooled_tpf(outs),
@@ -91,7 +88,6 @@ def decode_summary(outs: list, seconds: float, stride: int, reference: list | No
 @torch.no_grad()
 def heldout_nll(model, tok, rows: list[dict[str, str]], max_len: int = 512, batch: int = 16) -> float:
     """Mean next-token NLL per answer token of the gold solutions (prompt tokens unsupervised), chat template."""
-
     total, count = 0.0, 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for i in range(0, len(rows), batch):
@@ -110,7 +106,6 @@ def heldout_nll(model, tok, rows: list[dict[str, str]], max_len: int = 512, batc
 def sampled_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop: tuple[int, ...],
                           seed: int = 0, batch: int = 32) -> list[list[int]]:
     """Continuations sampled from ``model`` at temperature 1 (no truncation): the base's own distribution."""
-
     engine = ISDEngine(model, None, 1, None, max_batch_size=batch)
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=stop, seed=seed + i)
               for i in range(len(prompts))]
@@ -138,7 +133,6 @@ def kl_per_token(base, model, prompts: list[list[int]], continuations: list[list
 
 
 def _gsm8k_accuracy(tok, rows: list[dict[str, str]], outs: list) -> float:
-
     texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
     return sum(gsm8k_equal(gsm8k_gold(r["answer"]), gsm8k_extract(t)) for r, t in zip(rows, texts)) / len(rows)
 
@@ -146,7 +140,6 @@ def _gsm8k_accuracy(tok, rows: list[dict[str, str]], outs: list) -> float:
 def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
     """Run the hooks on a finished plan: the base (WORK/base, else the first stage's model), the last curriculum
     stage and, if the plan has one, the gated-LoRA adapter stage."""
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere: greedy ties flip less across batch shapes
     full = [st for st in plan.stages if st.settings.finetuning == "full"]

@@ -139,7 +139,6 @@ def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg:
 
 def save_trained(model, tokenizer, idlm_cfg: IDLMConfig, out_dir: str | Path, train_cfg: LoopTrainConfig) -> None:
     """Save a loadable I-DLM checkpoint (weights, tokenizer, idlm block) plus the training settings."""
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_idlm_config(model.config, idlm_cfg)
@@ -170,7 +169,6 @@ def loop_config(lf: dict, log_file: str | None, clean_weight: float | None = Non
 
 def run_loop_stage(plan, stage) -> None:
     """Run one stage of a plan with the project's own loop and write its checkpoint (or adapter) and stage marker."""
-
     s, lf = stage.settings, stage.lf_args
     files = [c["file"] for c in plan.data_checks if c["kind"] == "train_file"]
     if not files:

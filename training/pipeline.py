@@ -51,7 +51,6 @@ def _check_keys(section: str, given: dict[str, Any], allowed: set[str], where: s
 
 
 def _path(value: Any, recipe_dir: Path, where: str, what: str) -> str:
-
     found = resolve_path(str(value), recipe_dir)
     if not found:
         raise UserError(f"{where}: {what} not found: {value}")
@@ -164,7 +163,6 @@ def resolve_sections(raw: dict[str, Any], top: dict[str, Any], recipe_dir: Path,
 
 def run_prepare(sec: dict[str, Any]) -> None:
     """WORK/base (an HF checkpoint of the AR base) and WORK/converted (its I-DLM conversion)."""
-
     base, converted = Path(sec["hf_dir"]), Path(sec["converted"])
     if not (base / "config.json").is_file():
         t0 = time.time()
@@ -193,7 +191,6 @@ def run_prepare(sec: dict[str, Any]) -> None:
 
 
 def run_generate(sec: dict[str, Any]) -> None:
-
     out = Path(sec["output"])
     if out.is_file():
         return
@@ -207,7 +204,6 @@ def run_generate(sec: dict[str, Any]) -> None:
 
 
 def run_evaluate(plan, sec: dict[str, Any]) -> dict[str, Any]:
-
     path = Path(plan.output_dir) / "eval.json"
     result = evaluate_plan(plan, sec)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -69,7 +69,6 @@ class GenerationSettings:
 
 def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
     """User prompts from ``[{kind, file, limit}]`` (see the module doc), in source order, duplicates removed."""
-
     prompts: list[str] = []
     for src in sources:
         path, kind, limit = Path(src["file"]), src["kind"], src.get("limit")
@@ -117,7 +116,6 @@ def read_prompt_sources(sources: list[dict[str, Any]]) -> list[str]:
 def sample_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[list[str]]:
     """``settings.samples_per_prompt`` sampled chat responses per prompt (left-padded batches through HF generate;
     prompts sorted by length so batches pad little). Empty responses are kept as "" (dropped by the writer)."""
-
     args = settings.resolved(getattr(model, "generation_config", None))
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -171,7 +169,6 @@ def write_chat_jsonl(path: str | Path, prompts: list[str], responses: list[list[
 def generate_training_data(model_path: str, prompts: list[str], settings: GenerationSettings, output: str | Path,
                            dtype: str = "bfloat16") -> dict[str, Any]:
     """Sample the responses of the model at ``model_path`` and write the chat JSONL; returns a short report."""
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_causal_lm(model_path, dtype=dtype if device == "cuda" else "float32", device=device)
     model.eval()
