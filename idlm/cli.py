@@ -183,7 +183,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(tokenizer, args.prompt, chat_template=not args.no_chat_template)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop_token_ids=stop_token_ids(tokenizer, engine.model),
-                            seed=args.seed, draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["native"])
+                            seed=args.seed, draft_mode=args.draft_mode)
     try:
         out = engine.generate([prompt_ids], params)[0]
     except ValueError as exc:  # the engine's checks of the request (empty prompt, too long, ...)
@@ -213,7 +213,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
     p.add_argument("--lora", default=None, help="gated-LoRA adapter directory (R-ISD on a base model)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--draft-mode", default=None, choices=["sample", "argmax", "paper_argmax"],
+    p.add_argument("--draft-mode", default=DEFAULT_DRAFT_MODE["native"], choices=["sample", "argmax", "paper_argmax"],
                    help="how drafts are proposed: sample (exact, default), argmax (exact, deterministic drafts), "
                         "paper_argmax (the paper's biased rule, for comparison only)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

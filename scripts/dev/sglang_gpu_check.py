@@ -166,7 +166,7 @@ def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServe
           f"--dllm-algorithm IDLMBlockN -> speculative_algorithm={info.get('speculative_algorithm')}, "
           f"num_draft_tokens={info.get('speculative_num_draft_tokens')}, dllm_algorithm={info.get('dllm_algorithm')}")
     want = REPORT.get("attention_backend", "triton")
-    got_backend = {s.name: server_info(s.url).get("attention_backend") for s in (isd, ar)}
+    got_backend = {isd.name: info.get("attention_backend"), ar.name: server_info(ar.url).get("attention_backend")}
     check("attention_backend_as_asked", all(b == want for b in got_backend.values()),
           f"servers report {got_backend} (asked: {want})")
     isd_res = generate(isd.url, prompts, max_new)
