@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from idlm.errors import UserError
-from idlm.requests import DEFAULT_DRAFT_MODE
+from idlm.requests import DEFAULT_DRAFT_MODE, SERVING_DRAFT_MODES
 
 EXIT_USAGE = 2
 
@@ -140,7 +140,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="native engine: request bodies larger than this get HTTP 413 (default 8 MiB)")
-    p.add_argument("--draft-mode", default=None, choices=["sample", "argmax"],
+    p.add_argument("--draft-mode", default=None, choices=SERVING_DRAFT_MODES,
                    help="how sampled requests draft (both exact, see docs/isd.md; default: sample on the native "
                         "engine, argmax on sglang, idlm.requests.DEFAULT_DRAFT_MODE says why)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
