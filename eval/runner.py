@@ -269,6 +269,19 @@ def _response_text(data: dict) -> tuple[str, str | None]:
     return content, None
 
 
+def sglang_isd_stats(choice: dict) -> dict | None:
+    """{"tpf", "forwards"} of one SGLang speculative response (a request sent with ``"return_meta_info": true``,
+    e.g. ``--extra-body '{"return_meta_info": true}'``), in the native server's convention: tokens emitted by decode
+    forwards (all but the prefill's first) / decode forwards (SGLang's ``spec_verify_ct``). None otherwise."""
+    meta = choice.get("meta_info")
+    if not isinstance(meta, dict):
+        return None
+    forwards, tokens = meta.get("spec_verify_ct"), meta.get("completion_tokens")
+    if not isinstance(forwards, int) or not isinstance(tokens, int) or forwards < 1 or tokens < 1:
+        return None
+    return {"tpf": (tokens - 1) / forwards, "forwards": forwards}
+
+
 # ---------------------------------------------------------------------------------------------- the run
 class EvalRun:
     def __init__(self, cfg: EvalConfig):
@@ -335,8 +348,9 @@ class EvalRun:
                 rec.update(response=text, reasoning_separate=reasoning is not None,
                            finish_reason=choice.get("finish_reason"), usage=data.get("usage"),
                            response_id=data.get("id"), error=None)
-                if isinstance(data.get("idlm"), dict):
-                    rec["idlm"] = data["idlm"]
+                stats = data.get("idlm") if isinstance(data.get("idlm"), dict) else sglang_isd_stats(choice)
+                if stats:
+                    rec["idlm"] = stats
                 break
             except RequestFailed as exc:
                 last_err = str(exc)
@@ -506,7 +520,7 @@ def summarize_benchmark(b: Benchmark, items: list[Item], specs: list[SampleSpec]
                         samples: int) -> dict:
     by_item: dict[str, dict] = {}
     n_done = n_err = n_len = n_missing = 0
-    tokens, tpfs = [], []
+    tokens, tpfs, pooled = [], [], [0.0, 0]  # pooled: [tokens emitted by decode forwards, decode forwards]
     for s in specs:
         r = recs.get(s.key)
         if r is None or (r.get("score") is None and not r.get("error")):
@@ -521,9 +535,12 @@ def summarize_benchmark(b: Benchmark, items: list[Item], specs: list[SampleSpec]
             ct = (r.get("usage") or {}).get("completion_tokens")
             if isinstance(ct, int | float):
                 tokens.append(ct)
-            tpf = (r.get("idlm") or {}).get("tpf")
+            tpf, fwd = (r.get("idlm") or {}).get("tpf"), (r.get("idlm") or {}).get("forwards")
             if isinstance(tpf, int | float) and tpf > 0:
                 tpfs.append(tpf)
+                if isinstance(fwd, int) and fwd > 0:
+                    pooled[0] += tpf * fwd
+                    pooled[1] += fwd
         by_item.setdefault(s.item.id, {})[(s.sample, s.variant)] = float(r.get("score") or 0.0)
     item_scores = [b.item_score(it, by_item.get(it.id, {}), samples) for it in items]
     score = 100.0 * sum(item_scores) / len(item_scores) if item_scores else None
@@ -534,6 +551,8 @@ def summarize_benchmark(b: Benchmark, items: list[Item], specs: list[SampleSpec]
         "n_errors": n_err, "n_missing": n_missing, "n_truncated": n_len, "complete": n_missing == 0,
         "mean_completion_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
         "mean_tpf": round(sum(tpfs) / len(tpfs), 3) if tpfs else None,
+        # tokens per forward over all decode forwards of the benchmark (long answers weigh more than in mean_tpf)
+        "pooled_tpf": round(pooled[0] / pooled[1], 3) if pooled[1] else None,
         "paper": b.paper,
     }
     summary.update(b.extras(items, recs))

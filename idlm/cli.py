@@ -72,8 +72,10 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    from idlm.inference.sglang_isd.config import build_launch_command
+    from idlm.inference.sglang_isd.config import build_ar_launch_command, build_launch_command
 
+    if args.ar and (args.stride is not None or args.lora):
+        raise UserError("--ar serves plain autoregressive decoding: it takes neither --stride nor --lora")
     if args.stride is not None:
         from idlm.config import check_stride
 
@@ -86,9 +88,13 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
     if args.dtype != "auto":
         extra += ["--dtype", args.dtype]
     extra += shlex.split(args.sglang_args or "")
-    argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port, python=sys.executable,
-                                     draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["sglang"], extra=extra,
-                                     lora=args.lora)
+    if args.ar:
+        argv, env = build_ar_launch_command(args.model, host=args.host, port=args.port, python=sys.executable,
+                                            extra=extra), {}
+    else:
+        argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port,
+                                         python=sys.executable, extra=extra, lora=args.lora,
+                                         draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["sglang"])
     if args.print_command:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv))
         return 0
@@ -102,6 +108,8 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "sglang":
         return _cmd_serve_sglang(args)
+    if args.ar:
+        raise UserError("--ar is an option of --engine sglang (the native engine serves AR with --stride 1)")
     from idlm.inference.server import serve
 
     serve(
@@ -145,6 +153,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "engine, argmax on sglang, idlm.requests.DEFAULT_DRAFT_MODE says why)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
     p.add_argument("--print-command", action="store_true", help="sglang engine: print the launch command and exit")
+    p.add_argument("--ar", action="store_true", help="sglang engine: plain autoregressive decoding of any causal LM "
+                   "(no ISD worker), same flags: the baseline ISD is measured against")
     p.set_defaults(func=_cmd_serve)
 
 

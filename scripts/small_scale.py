@@ -4,14 +4,21 @@
 
 1. `idlm train RECIPE --phases prepare,generate`: the base, its conversion and the generated data (shared work_dir);
 2. `idlm train RECIPE output_dir=OUT/<run> <overrides>` for every run of the sweep, all at once (one GPU holds them);
-3. the run to serve is chosen by the sweep's quality targets; `idlm serve` (native engine) serves it at the sweep's
-   stride, and the base with the adapter run's gated LoRA (R-ISD); `idlm eval` scores both (--no-thinking) under
-   each of the sweep's serve.protocols: greedy (the default) and/or paper (temperature 1.0, top-p 0.95, top-k 50);
+3. serving (the sweep's `serve` section): `idlm serve` serves a converted run at the sweep's stride, the base with the
+   adapter run's gated LoRA (R-ISD) and, with `base: true`, the base itself (AR); `idlm eval` scores each
+   (--no-thinking) under each of serve.protocols: greedy (the default) and/or paper (temperature 1.0, top-p 0.95,
+   top-k 50). `when: chosen` (default): after every run, the run chosen by the quality targets and the base with
+   the adapter, one after the other. `when: each`: every converted run as soon as it has trained, beside its
+   evaluation hooks (`idlm train --phases train`, then `--phases evaluate`), the base with the adapter as soon as
+   the adapter run has trained, and the base as soon as it exists: all at once, on one GPU;
+   `engine: sglang` serves through `idlm serve --engine sglang` (`--ar` for the base);
 4. OUT/sweep.json gathers every run's eval.json and the scores; OUT/frontier.png plots quality loss against TPF
    (`--plot OUT/sweep.json [MORE.json ...]` draws it again, several sweeps in one plot, e.g. on a machine with
    matplotlib when the GPU image has none).
 
 ``--set`` overrides are added to every `idlm train` call (e.g. base.gguf=PATH). Each step skips what is done.
+``--serve-pythonpath`` gives the `idlm serve` processes their own PYTHONPATH (an SGLang install whose pins differ
+from the training stack's).
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -39,8 +50,23 @@ def idlm(*args: str) -> list[str]:
 
 
 def run_logged(cmd: list[str], log_path: Path, **env: str) -> subprocess.Popen:
+    """``cmd`` in its own process group (a server's children, e.g. SGLang's scheduler, are stopped with it)."""
     fh = log_path.open("a")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to ``proc``'s process group (`run_logged`), SIGKILL after ``timeout`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=timeout)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
@@ -57,7 +83,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
     import urllib.request
 
     deadline = time.time() + timeout
@@ -102,40 +128,121 @@ def choose(results: dict[str, dict], targets: dict) -> str | None:
 # `idlm eval` sampling flags by protocol name (sweep.serve.protocols; default: greedy only)
 PROTOCOLS = {"greedy": ["--temperature", "0"],
              "paper": ["--temperature", "1.0", "--top-p", "0.95", "--top-k", "50"]}  # the paper's evaluation
+ENGINES = ("native", "sglang")
+WHEN = ("chosen", "each")
 
 
-def serve_and_eval(name: str, serve_args: list[str], benchmarks: dict, out: Path,
-                   protocols: tuple[str, ...] = ("greedy",)) -> dict:
-    """Serve one model with `idlm serve` and score it with `idlm eval` on ``benchmarks`` under each protocol;
-    returns {bench: {...}} for greedy alone (the first sweep's layout), else {protocol: {bench: {...}}}."""
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
-    if unknown:
-        raise SystemExit(f"unknown serve protocol(s) {unknown}: choose from {sorted(PROTOCOLS)}")
+@dataclass
+class ServeSettings:
+    """The sweep's ``serve`` section. benchmarks: {name: item limit, or null for all items}; concurrency: requests
+    in flight (the server's batch and `idlm eval --concurrency`); max_tokens: `idlm eval --max-tokens`; sglang_args:
+    extra SGLang flags (`idlm serve --sglang-args`); eval_args: extra `idlm eval` flags; base: also serve the base
+    itself (AR, SGLang only)."""
+
+    stride: int
+    benchmarks: dict
+    protocols: tuple[str, ...] = ("greedy",)
+    engine: str = "native"
+    when: str = "chosen"
+    adapter_run: str | None = None
+    base: bool = False
+    concurrency: int = 64
+    max_tokens: int = 512
+    sglang_args: str = ""
+    eval_args: str = ""  # extra flags of every `idlm eval`, e.g. "--data-dir DIR"
+    pythonpath: str | None = field(default=None, repr=False)  # from --serve-pythonpath, not the sweep file
+
+    def __post_init__(self) -> None:
+        self.protocols = tuple(self.protocols)
+        for key, value, allowed in (("protocols", self.protocols, PROTOCOLS), ("engine", (self.engine,), ENGINES),
+                                    ("when", (self.when,), WHEN)):
+            bad = sorted(set(value) - set(allowed))
+            if bad:
+                raise SystemExit(f"sweep serve.{key}: unknown {bad}, choose from {sorted(allowed)}")
+        if self.base and self.engine != "sglang":
+            raise SystemExit("sweep serve.base: the base is served as plain AR by `idlm serve --engine sglang --ar`; "
+                             "set serve.engine: sglang")
+
+    @classmethod
+    def from_sweep(cls, section: dict, pythonpath: str | None) -> ServeSettings:
+        known = set(cls.__dataclass_fields__) - {"pythonpath"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise SystemExit(f"sweep serve: unknown key(s) {unknown}, known: {sorted(known)}")
+        return cls(**section, pythonpath=pythonpath)
+
+    def serve_command(self, model_args: list[str], port: int) -> list[str]:
+        engine = ["--engine", "sglang", "--sglang-args", self.sglang_args] if self.engine == "sglang" else []
+        return idlm("serve", *model_args, *engine, "--port", str(port), "--max-batch-size", str(self.concurrency))
+
+    def eval_command(self, base_url: str, bench: str, limit: int | None, protocol: str, output: Path) -> list[str]:
+        # SGLang reports its speculative counts (tokens per forward) only when asked, per request
+        extra = ["--extra-body", json.dumps({"return_meta_info": True})] if self.engine == "sglang" else []
+        return idlm("eval", "--base-url", f"{base_url}/v1", "--suite", bench, "--output", str(output),
+                    *PROTOCOLS[protocol], "--no-thinking", "--max-tokens", str(self.max_tokens), "--concurrency",
+                    str(self.concurrency), "--no-progress", *(["--limit", str(limit)] if limit else []), *extra,
+                    *shlex.split(self.eval_args))
+
+
+def server_facts(base_url: str) -> dict:
+    """What an SGLang server says of itself after the run: its attention backend and, for a speculative one, SGLang's
+    own mean tokens per decode forward over everything it served (empty for the native server)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url + "/get_server_info", timeout=30) as r:
+            info = json.loads(r.read())
+    except (OSError, ValueError):
+        return {}
+    states = info.get("internal_states") or [{}]
+    return {"attention_backend": info.get("attention_backend"), "version": info.get("version"),
+            "avg_spec_accept_length": states[0].get("avg_spec_accept_length")}
+
+
+def serve_and_eval(name: str, model_args: list[str], st: ServeSettings, out: Path) -> dict:
+    """Serve one model with `idlm serve` and score it with `idlm eval` on ``st.benchmarks`` under each protocol.
+
+    Returns {bench: {...}} for greedy alone on the native engine (the first sweep's layout), else
+    {"startup_s", "server", "protocols": {protocol: {bench: {...}}}}."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server = run_logged(idlm("serve", *serve_args, "--port", str(port), "--max-batch-size", "64"),
-                        out / f"serve-{name}.log")
+    env = {"PYTHONPATH": st.pythonpath} if st.pythonpath else {}
+    t0 = time.time()
+    server = run_logged(st.serve_command(model_args, port), out / f"serve-{name}.log", **env)
     scores: dict = {}
     try:
         wait_healthy(base_url, server)
-        for protocol in protocols:
+        startup = round(time.time() - t0, 1)
+        log(f"{name}: server up in {startup:.0f} s")
+        for protocol in st.protocols:
             tag = name if protocol == "greedy" else f"{name}-{protocol}"
             scores[protocol] = {}
-            for bench, limit in benchmarks.items():
-                t0 = time.time()
-                cmd = idlm("eval", "--base-url", f"{base_url}/v1", "--suite", bench, "--output",
-                           str(out / f"eval-{tag}"), *PROTOCOLS[protocol], "--no-thinking", "--max-tokens", "512",
-                           "--concurrency", "64", "--no-progress", *(["--limit", str(limit)] if limit else []))
+            for bench, limit in st.benchmarks.items():
+                t1 = time.time()
+                cmd = st.eval_command(base_url, bench, limit, protocol, out / f"eval-{tag}")
                 rc = subprocess.run(cmd, cwd=ROOT, stdout=(out / f"eval-{tag}.log").open("a"),
                                     stderr=subprocess.STDOUT).returncode
                 summary = out / f"eval-{tag}" / "summary.json"
                 got = json.loads(summary.read_text())["benchmarks"].get(bench) if summary.is_file() else None
-                scores[protocol][bench] = {"exit": rc, "seconds": round(time.time() - t0, 1), "summary": got}
+                scores[protocol][bench] = {"exit": rc, "seconds": round(time.time() - t1, 1), "summary": got}
                 log(f"{tag} {bench}: exit {rc}, {json.dumps(got)[:300] if got else 'no summary'}")
+        facts = server_facts(base_url) if st.engine == "sglang" else {}
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-    return scores["greedy"] if tuple(protocols) == ("greedy",) else scores
+        stop_group(server)
+    if st.protocols == ("greedy",) and st.engine == "native":
+        return scores["greedy"]
+    return {"startup_s": startup, "server": facts, "protocols": scores}
+
+
+def final_checkpoint(run_dir: Path) -> Path | None:
+    """The last curriculum stage's checkpoint of a run (None for an adapter-only run)."""
+    stages = sorted(run_dir.glob("stage*-n*"))
+    return stages[-1] if stages else None
+
+
+def adapter_dir(run_dir: Path) -> Path | None:
+    adapters = sorted(run_dir.glob("adapter*"))
+    return adapters[-1] if adapters else None
 
 
 def frontier_plot(results: dict[str, dict], path: Path) -> None:
@@ -161,6 +268,63 @@ def frontier_plot(results: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def pipelined(recipe: str, common: list[str], runs: dict, st: ServeSettings | None, out: Path
+              ) -> tuple[dict[str, int], dict[str, Future]]:
+    """serve.when = each: every run's `idlm train --phases train`, all at once; as each ends, its `--phases
+    evaluate` and its serving start beside the others (and the base's serving right away). Returns the exit codes
+    (a run's worst of train and evaluate) and the serving futures by name."""
+    pool = ThreadPoolExecutor(max_workers=len(runs) + 2)
+    served: dict[str, Future] = {}
+    base = out / "work" / "base"
+    if st and st.base:
+        served["base"] = pool.submit(serve_and_eval, "base", ["--ar", "--model", str(base)], st, out)
+
+    def start(name: str, phase: str) -> subprocess.Popen:
+        return run_logged(idlm("train", recipe, *common, f"output_dir={out / name}", *runs[name], "--phases", phase),
+                          out / f"{name}.log", HF_DATASETS_CACHE=str(out / name / "hf_datasets"))
+
+    training = {name: start(name, "train") for name in runs}
+    evaluating: dict[str, subprocess.Popen] = {}
+    codes: dict[str, int] = {}
+    while training or evaluating:
+        time.sleep(5)
+        for name, proc in list(training.items()):
+            if proc.poll() is None:
+                continue
+            del training[name]
+            codes[name] = proc.returncode
+            log(f"{name}: training exit {proc.returncode}")
+            if proc.returncode != 0:
+                continue
+            evaluating[name] = start(name, "evaluate")
+            final = final_checkpoint(out / name)
+            if st and final is not None:
+                served[name] = pool.submit(serve_and_eval, name, ["--model", str(final), "--stride", str(st.stride)],
+                                           st, out)
+            adapter = adapter_dir(out / name)
+            if st and name == st.adapter_run and adapter is not None:
+                served["base+adapter"] = pool.submit(serve_and_eval, "base+adapter",
+                                                     ["--model", str(base), "--lora", str(adapter)], st, out)
+        for name, proc in list(evaluating.items()):
+            if proc.poll() is not None:
+                del evaluating[name]
+                codes[name] = codes[name] or proc.returncode
+                log(f"{name}: evaluation exit {proc.returncode}")
+    pool.shutdown(wait=False)
+    return codes, served
+
+
+def collect_served(served: dict[str, Future]) -> dict:
+    got = {}
+    for name, fut in served.items():
+        try:
+            got[name] = fut.result()
+        except (Exception, SystemExit) as exc:  # one model's serving failing must not lose the others' scores
+            log(f"serving {name} failed: {exc}")
+            got[name] = {"error": str(exc)}
+    return got
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=str(ROOT / "configs/train/smollm2_sweep.yaml"))
@@ -168,6 +332,8 @@ def main() -> int:
     ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--serve-pythonpath", default=None, metavar="PATH",
+                    help="PYTHONPATH of the `idlm serve` processes (default: inherited)")
     ap.add_argument("--plot", metavar="SWEEP_JSON", nargs="+", help="only draw the frontier plot of finished "
                     "sweep.json files, their runs together (beside the first, as frontier.png)")
     args = ap.parse_args()
@@ -186,6 +352,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = [f"work_dir={out / 'work'}", *args.common]
     runs = {k: v for k, v in sweep["runs"].items() if not args.only or k in args.only.split(",")}
+    st = None if args.skip_serve or "serve" not in sweep else \
+        ServeSettings.from_sweep(sweep["serve"], args.serve_pythonpath)
 
     t0 = time.time()
     log("prepare + generate")
@@ -194,11 +362,15 @@ def main() -> int:
     if rc != 0:
         raise SystemExit(f"prepare/generate failed (exit {rc}): see {out / 'prepare.log'}")
     log(f"prepare + generate done in {time.time() - t0:.0f} s; starting {len(runs)} runs")
-    # each run its own datasets cache: runs that tokenise the same file at once must not share cache files
-    procs = {name: run_logged(idlm("train", recipe, *common, f"output_dir={out / name}", *overrides),
-                              out / f"{name}.log", HF_DATASETS_CACHE=str(out / name / "hf_datasets"))
-             for name, overrides in runs.items()}
-    codes = wait_all(procs)
+    served: dict[str, Future] = {}
+    if st and st.when == "each":
+        codes, served = pipelined(recipe, common, runs, st, out)
+    else:
+        # each run its own datasets cache: runs that tokenise the same file at once must not share cache files
+        procs = {name: run_logged(idlm("train", recipe, *common, f"output_dir={out / name}", *overrides),
+                                  out / f"{name}.log", HF_DATASETS_CACHE=str(out / name / "hf_datasets"))
+                 for name, overrides in runs.items()}
+        codes = wait_all(procs)
     results = {}
     for name in runs:
         p = out / name / "eval.json"
@@ -213,20 +385,19 @@ def main() -> int:
         summary["chosen"] = choose(results, sweep["targets"])
         log(f"chosen: {summary['chosen']}")
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if not args.skip_serve and results:
-        s = sweep["serve"]
+    if st and st.when == "each":
+        summary["served"] = collect_served(served)
+    elif st and results:
         chosen = summary.get("chosen")
-        protocols = tuple(s.get("protocols", ["greedy"]))
         summary["served"] = {}
         if chosen:
-            final = sorted((out / chosen).glob("stage*-n*"))[-1]
-            summary["served"][chosen] = serve_and_eval(chosen, ["--model", str(final), "--stride", str(s["stride"])],
-                                                       s["benchmarks"], out, protocols)
-        adapter = sorted((out / s["adapter_run"]).glob("adapter*")) if s.get("adapter_run") else []
+            summary["served"][chosen] = serve_and_eval(
+                chosen, ["--model", str(final_checkpoint(out / chosen)), "--stride", str(st.stride)], st, out)
+        adapter = adapter_dir(out / st.adapter_run) if st.adapter_run else None
         if adapter:
             summary["served"]["base+adapter"] = serve_and_eval(
-                "base", ["--model", str(out / "work" / "base"), "--lora", str(adapter[-1])], s["benchmarks"], out,
-                protocols)
+                "base", ["--model", str(out / "work" / "base"), "--lora", str(adapter)], st, out)
+    if "served" in summary:
         summary["seconds_total"] = round(time.time() - t0, 1)
         (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done in {time.time() - t0:.0f} s: {out / 'sweep.json'}")

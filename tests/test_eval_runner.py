@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from idlm.cli import main
-from idlm.eval.runner import EvalConfig, EvalRun, read_records
+from idlm.eval.runner import EvalConfig, EvalRun, read_records, sglang_isd_stats
 
 FIX = Path(__file__).parent / "fixtures" / "eval" / "data"
 
@@ -100,7 +100,7 @@ def test_requests_follow_the_paper_protocol_and_scores_are_right(tmp_path):
         summary = EvalRun(cfg(srv.url, tmp_path)).run()
     s = summary["benchmarks"]["gsm8k"]
     assert s["score"] == 50.0 and s["n_items"] == 4 and s["n_errors"] == 0 and s["complete"]
-    assert s["mean_tpf"] == 2.5 and s["paper"]["I-DLM-8B"] == 95.0
+    assert s["mean_tpf"] == 2.5 and s["pooled_tpf"] == 2.5 and s["paper"]["I-DLM-8B"] == 95.0
     body = srv.bodies[0]
     assert body["model"] == "fake-model"  # from /v1/models
     assert (body["temperature"], body["top_p"], body["top_k"], body["max_tokens"]) == (1.0, 0.95, 50, 32768)
@@ -211,6 +211,27 @@ def test_reasoning_returned_separately_is_put_back(tmp_path):
     rec = read_records(tmp_path / "gsm8k/samples.jsonl")["gsm8k/0#0"]
     assert rec["response"].startswith("<think>let me think") and rec["reasoning_separate"]
     assert summary["benchmarks"]["gsm8k"]["score"] == 100.0
+
+
+def test_sglang_meta_info_gives_tokens_per_forward(tmp_path):
+    """SGLang returns no idlm block; with return_meta_info its spec_verify_ct gives the same statistic: tokens after
+    the prefill's first / decode forwards, pooled over a benchmark by forwards."""
+    assert sglang_isd_stats({"meta_info": {"completion_tokens": 9, "spec_verify_ct": 4}}) == {"tpf": 2.0, "forwards": 4}
+    assert sglang_isd_stats({"meta_info": {"completion_tokens": 9}}) is None  # AR server: no speculative counts
+    assert sglang_isd_stats({}) is None
+    lens = {0: (9, 4), 1: (31, 6)}  # tpf 2.0 over 4 forwards, 5.0 over 6: pooled 38 / 10 = 3.8, mean 3.5
+
+    def respond(body, n):
+        status, data = completion("\\boxed{1}")
+        del data["idlm"]
+        toks, ct = lens[question_index(body)]
+        data["choices"][0]["meta_info"] = {"completion_tokens": toks, "spec_verify_ct": ct}
+        return status, data
+
+    with FakeServer(respond) as srv:
+        s = EvalRun(cfg(srv.url, tmp_path, limit=2, extra_body={"return_meta_info": True})).run()["benchmarks"]["gsm8k"]
+    assert all(b["return_meta_info"] is True for b in srv.bodies)
+    assert s["mean_tpf"] == 3.5 and s["pooled_tpf"] == 3.8
 
 
 def test_cli_eval_and_errors(tmp_path, capsys):

@@ -19,6 +19,7 @@ from idlm.errors import UserError
 from idlm.inference.sglang_isd.config import (
     ENV_CONFIG,
     ISDServeConfig,
+    build_ar_launch_command,
     build_launch_command,
     load_isd_yaml,
     local_idlm_config,
@@ -260,6 +261,19 @@ def test_launch_command_and_cli(tmp_path, capsys):
     (plain / "config.json").write_text("{}")
     assert main(["serve", "--engine", "sglang", "--model", str(plain), "--stride", "2", "--print-command"]) == 2
     assert "not an I-DLM checkpoint" in capsys.readouterr().err
+    # --ar: plain SGLang AR of any causal LM, the same flags, no ISD worker and no ISD environment
+    argv = build_ar_launch_command(str(plain), port=1234, extra=["--mem-fraction-static", "0.2"])
+    assert "--speculative-algorithm" not in argv and argv[-2:] == ["--mem-fraction-static", "0.2"]
+    assert argv[argv.index("--attention-backend") + 1] == "triton"
+    assert main(["serve", "--engine", "sglang", "--ar", "--model", str(plain), "--print-command",
+                 "--max-batch-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert ENV_CONFIG not in out and "--speculative" not in out and "--max-running-requests 32" in out
+    for bad in (["--stride", "4"], ["--lora", str(tmp_path)]):
+        assert main(["serve", "--engine", "sglang", "--ar", "--model", str(plain), "--print-command", *bad]) == 2
+        assert "--ar serves plain autoregressive decoding" in capsys.readouterr().err
+    assert main(["serve", "--ar", "--model", str(plain)]) == 2
+    assert "--ar is an option of --engine sglang" in capsys.readouterr().err
 
 
 def test_risd_launch_command_and_server_args(tmp_path, monkeypatch, capsys):

@@ -137,3 +137,34 @@ def test_adapter_only_recipe(files, tmp_path):
     r = subprocess.run([sys.executable, "-m", "idlm.cli", "train", "--dry-run", str(recipe)], cwd=REPO,
                        env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no 'adapter' section: nothing to train" in r.stderr
+
+
+def test_sweep_driver_serves_each_run_as_it_trains(files, tmp_path):
+    """scripts/small_scale.py with serve.when = each: two runs train at once (`--phases train`); as each ends, its
+    evaluation hooks (`--phases evaluate`) and its serving start: the converted run at the sweep's stride, the base
+    with the adapter run's gated LoRA; `idlm eval` scores both through the shipped commands."""
+    pytest.importorskip("uvicorn")
+    recipe = _recipe(files, tmp_path / "unused", "idlm")
+    sweep = {"recipe": str(recipe),
+             "runs": {"conv": ["adapter=null", "evaluate.strides=[2]"], "lora": ["stages=[]"]},
+             "serve": {"when": "each", "engine": "native", "stride": 2, "adapter_run": "lora",
+                       "benchmarks": {"gsm8k": 2}, "concurrency": 2, "max_tokens": 8,
+                       "eval_args": f"--data-dir {REPO / 'tests/fixtures/eval/data'} --no-verify-data"},
+             "targets": {"kl_per_token": 0.05, "nll_ratio": 1.02}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "scripts/small_scale.py", "--sweep", str(path), "--out", str(out)], cwd=REPO,
+                       env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["exit_codes"] == {"conv": 0, "lora": 0} and res["chosen"] == "conv"
+    assert "converted" in res["runs"]["conv"] and "adapter" not in res["runs"]["conv"]
+    assert "adapter" in res["runs"]["lora"] and "converted" not in res["runs"]["lora"]
+    for name in ("conv", "base+adapter"):
+        got = res["served"][name]["gsm8k"]  # greedy on the native engine: the first sweep's layout
+        assert got["exit"] == 0 and got["summary"]["n_scored"] == 2 and got["summary"]["complete"], (name, got)
+    assert res["served"]["conv"]["gsm8k"]["summary"]["mean_tpf"] >= 1.0  # ISD statistics from the native server
+    log = (out / "conv.log").read_text()
+    assert "evaluate:" in log  # the hooks ran as their own `idlm train --phases evaluate`
+    assert "conv: training exit 0" in r.stdout and "conv: evaluation exit 0" in r.stdout

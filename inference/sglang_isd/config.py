@@ -29,6 +29,9 @@ ALGORITHM_NAME = "ISD"  # --speculative-algorithm ISD
 PAPER_ALGORITHM_NAME = "IDLMBlockN"  # --dllm-algorithm IDLMBlockN (the paper's spelling, translated)
 ENV_CONFIG = "IDLM_ISD_CONFIG"
 SUPPORTED_ATTENTION_BACKENDS = ("triton", "flashinfer", "fa3")
+# Server flags of every launch (ISD and its AR baseline): seen working with the offline SGLang bundle; a later flag in
+# ``extra`` overrides them (argparse keeps the last value)
+LAUNCH_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none")
 
 # Paper YAML keys that only tuned its server-wide sampling or logging: sampling now comes from each request.
 _PAPER_IGNORED_KEYS = ("temperature", "top_k", "top_p", "confidence_threshold", "stats_file", "rounds_file",
@@ -286,6 +289,13 @@ def build_launch_command(
         cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
     argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
-            "--attention-backend", "triton", "--sampling-backend", "pytorch",
-            "--grammar-backend", "none"]
+            *LAUNCH_FLAGS]
     return argv + list(extra or []), {ENV_CONFIG: cfg.to_env()}
+
+
+def build_ar_launch_command(model: str, host: str = "127.0.0.1", port: int = 30000, python: str = "python3",
+                            extra: list[str] | None = None) -> list[str]:
+    """argv that starts plain SGLang autoregressive decoding of ``model`` (any causal LM SGLang loads) with the same
+    flags as `build_launch_command`: the AR baseline that ISD is measured against, one token per forward."""
+    return [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
+            *LAUNCH_FLAGS, *(extra or [])]

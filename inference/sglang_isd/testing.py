@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from idlm.config import step_rows
+from idlm.eval.runner import sglang_isd_stats
+from idlm.inference.sglang_isd.config import LAUNCH_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
-# Flags seen working on an H100 with SGLang 0.5.15 (triton attention, pytorch sampling, no grammar backend).
-BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend", "none",
-              "--skip-tokenizer-init", "--log-level", "warning",
+# The launch flags of `idlm serve --engine sglang`, plus what the checks need (token ids in and out, quiet logs).
+BASE_FLAGS = [*LAUNCH_FLAGS, "--skip-tokenizer-init", "--log-level", "warning",
               # prefill graphs take ~80 s to capture per server and do not touch the decode step measured here
               "--disable-prefill-cuda-graph"]
 
@@ -150,10 +151,8 @@ def output_ids(result: dict) -> list[int]:
 
 def decode_tpf(result: dict) -> float | None:
     """(completion tokens - 1) / decode forwards, from SGLang's meta_info (None without spec_verify_ct)."""
-    meta = result.get("meta_info") or {}
-    ct = meta.get("spec_verify_ct")
-    n = meta.get("completion_tokens")
-    return (n - 1) / ct if ct and n else None
+    stats = sglang_isd_stats(result)
+    return stats["tpf"] if stats else None
 
 
 MARKOV_LO, MARKOV_HI = 10, 380  # token range of the synthetic language (and of `random_prompts` in the checks)

@@ -5,7 +5,9 @@
 #
 #   stash DIR...       copy the files of each DIR into /tmp/ss (the GGUF parts gguf.part1, gguf.part2,
 #                      gguf.sha256; wheels under DIR/extra/ go to /tmp/ss/extra; train.jsonl.gz: data generated
-#                      earlier from the same recipe, which `wait` returns, so the generate phase is skipped)
+#                      earlier from the same recipe, which `wait` returns, so the generate phase is skipped;
+#                      sglang-*-bundle.tar.xz: an SGLang install, unpacked into /tmp/ss/sglang, which launch gives
+#                      the sweep's `idlm serve` processes as their PYTHONPATH, for sweeps with serve.engine sglang)
 #   launch DIR [ARGS]  DIR holds the wheels the image lacks (scripts/dev/gpu_wheels.sh: transformers 5.6, llamafactory,
 #                      deepspeed, ...): install them into /tmp/ss/site, then each wheel of /tmp/ss/extra whose
 #                      distribution the image does not have (pyarrow, pandas, scipy, ...); install the project, join
@@ -62,7 +64,13 @@ install() {  # wheels into $S/site, no index, no dependencies (the image and the
 
 case "${1:-}" in
   stash)
-    shift; mkdir -p $S && for d in "$@"; do cp -r "$d"/. $S/ || exit 1; done; ls -la $S; ls $S/extra | wc -l ;;
+    shift; mkdir -p $S && for d in "$@"; do cp -r "$d"/. $S/ || exit 1; done
+    for b in $S/sglang-*-bundle.tar.xz; do
+      [ -f "$b" ] || continue
+      mkdir -p $S/sglang && tar -C $S/sglang -xJf "$b" && rm "$b" || exit 1
+      echo "SGLang bundle unpacked into $S/sglang"
+    done
+    ls -la $S; ls $S/extra 2>/dev/null | wc -l ;;
   launch)
     mkdir -p $S/site
     install "$2"/*.whl || exit 1
@@ -87,8 +95,10 @@ case "${1:-}" in
     python3 -c "import transformers, llamafactory, deepspeed, peft; print('transformers', transformers.__version__, \
 'llamafactory', llamafactory.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)" || exit 1
     shift 2
-    setsid nohup python3 scripts/small_scale.py --out $S/out --set base.gguf=$S/model.gguf "$@" > $S/log 2>&1 \
-      < /dev/null &
+    serve=()
+    [ -d $S/sglang ] && serve=(--serve-pythonpath "$S/sglang:$PWD")  # SGLang's pins differ from the training stack's
+    setsid nohup python3 scripts/small_scale.py --out $S/out --set base.gguf=$S/model.gguf "${serve[@]}" "$@" \
+      > $S/log 2>&1 < /dev/null &
     echo $! > $S/pid
     sleep 20; progress ;;
   wait)
