@@ -61,12 +61,18 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
     hints: the same facts known on the CPU (`BatchHints`); without them they are read from the tensors.
     Returns probs [B, ..., V] in float32 (float64 when the logits are float64), each row summing to 1.
 
-    Order (as transformers' warpers): divide by the temperature, keep the ``top_k`` largest logits (``0`` = off;
-    ties with the k-th value are kept), softmax, then keep the smallest set of most likely tokens whose mass reaches
-    ``top_p`` (the most likely token always stays; ``top_p >= 1`` = off) and renormalise.
+    The rule is SGLang's sampler's ("joint": both filters on the one distribution softmax(logits / temperature), not
+    top-p on the renormalised top-k as transformers' warpers do), so that ISD's later tokens and the first token,
+    which SGLang samples, follow one distribution. A token stays when it is among the ``top_k`` most likely
+    (``0`` = off) and the mass of the tokens before it, most likely first, is at most ``top_p`` (the most likely
+    token always stays; ``top_p >= 1`` = off); the rest is renormalised. Both filters are value thresholds, so tokens
+    tied with the last one kept stay too (where SGLang's choice among ties follows its sort's order).
     Greedy rows (`idlm.requests.is_greedy`: ``temperature <= 0`` or ``top_k == 1``) become a one-hot at the argmax
-    of the raw logits (ties go to the lowest id, as AR's argmax; a top-k of 1 would keep ties): with one-hot p and
-    q the ISD acceptance rules reduce exactly to greedy verification, so callers need no special case.
+    of the raw logits (ties go to the lowest id, as AR's argmax): with one-hot p and q the ISD acceptance rules
+    reduce exactly to greedy verification, so callers need no special case.
+
+    Cost: with top-k on every row (the paper's protocol: k = 50), one ``topk`` of width max k and a few elementwise
+    passes over V; only a top-p row without top-k needs a full sort of its vocabulary.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dtype)
@@ -75,25 +81,26 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
     k = _param(top_k, x, torch.long)
     greedy = is_greedy(temp, k)
     x = x / torch.where(temp <= 0, torch.ones_like(temp), temp)
+    log_z = torch.logsumexp(x, dim=-1, keepdim=True)
 
     k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
     any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
-    if any_top_k:
-        width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
-        top = torch.topk(x, width, dim=-1).values  # [B, ..., k_max], sorted descending
-        kth = top.gather(-1, (k - 1).expand(*x.shape[:-1], 1))
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-
     p = _param(top_p, x, dtype)
-    if hints.any_top_p if hints is not None else bool((p < 1).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop_sorted = (mass_before >= p) & (p < 1)
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+    any_top_p = hints.any_top_p if hints is not None else bool((p < 1).any())
+    if any_top_k or any_top_p:
+        # the candidates in order: top_p's prefix lies within them (every row's top-k <= width), else all V sorted
+        width = vocab
+        if any_top_k:
+            width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
+        top = torch.topk(x, width, dim=-1).values if width < vocab else x.sort(dim=-1, descending=True).values
+        threshold = top.gather(-1, (k.clamp(max=width) - 1).expand(*x.shape[:-1], 1))  # the k-th logit
+        if any_top_p:
+            probs_top = torch.exp(top - log_z)
+            mass_before = probs_top.cumsum(-1) - probs_top
+            kept = ((mass_before <= p) | (p >= 1)).sum(-1, keepdim=True)  # a prefix; the first always stays
+            threshold = torch.maximum(threshold, top.gather(-1, kept.clamp(min=1) - 1))
+        x = x.masked_fill(x < threshold, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
 
     if hints.any_greedy if hints is not None else bool(greedy.any()):
         onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)

@@ -77,3 +77,66 @@ def g_test(expected: dict[tuple[int, ...], float], samples: list[tuple[int, ...]
     p = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
     return float(p), df
 
+
+
+def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, tokens: int = 3, vocab: int = 9,
+                           temperature: float = 1.0, top_k: int = 6, top_p: float = 0.95, seed: int = 0):
+    """The SGLang ISD stepper (`ISDStateTable`) driving ``n`` copies of one request on a bigram model (the logits
+    of a row depend on its input token and position only: the KV cache is implicit), at the paper's kind of
+    sampling (temperature with top-k and top-p both set). Returns (the first ``tokens`` tokens after the prefill's
+    token of each request as tuples, the exact AR distribution of those tuples given that first token)."""
+    from idlm.inference.sglang_isd.config import ISDServeConfig
+    from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
+    from idlm.sampling import BatchHints
+
+    gen = torch.Generator().manual_seed(seed)
+    mask = vocab - 1
+    table = torch.randn(vocab, vocab, generator=gen, dtype=torch.float64) * 1.5
+    table[:, mask] = -30.0  # the MASK token is never a likely output
+    pos_bias = torch.randn(64, vocab, generator=gen, dtype=torch.float64) * 0.5
+    table, pos_bias = table.to(device), pos_bias.to(device)
+    prompt_last, prompt_len = 2, 5
+
+    def logits_of(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # the model: [B, R] -> [B, R, V]
+        return (table[ids] + pos_bias[pos]).float()
+
+    def probs_of(logits: torch.Tensor) -> torch.Tensor:
+        b = logits.shape[0]
+        return process_logits(logits.double(), torch.full((b,), temperature, dtype=torch.float64, device=device),
+                              torch.full((b,), top_k, device=device),
+                              torch.full((b,), top_p, dtype=torch.float64, device=device))
+
+    first_p = probs_of(logits_of(torch.tensor([[prompt_last]], device=device), torch.tensor([[prompt_len - 1]],
+                                                                                               device=device)))[0, 0]
+    # condition on one first token (SGLang's sampler draws it): every request then shares the prompt's cache
+    first = int(first_p.argmax())
+    cfg = ISDServeConfig(stride=stride, draft_mode=mode, seed=seed)
+    state = ISDStateTable(n, cfg, mask, device, vocab_size=vocab)
+    slots = torch.arange(n, device=device)
+    state.on_prefill(slots, torch.full((n,), first, device=device))
+    sampling = SamplingView(torch.full((n,), temperature, device=device), torch.full((n,), top_k, device=device),
+                            torch.full((n,), top_p, device=device),
+                            hints=BatchHints.of([temperature], [top_k], [top_p], vocab))
+    out = torch.full((n, tokens + stride), -1, dtype=torch.long, device=device)
+    filled = torch.zeros(n, dtype=torch.long, device=device)
+    seq_lens = torch.full((n,), prompt_len, dtype=torch.long, device=device)
+    while int(filled.min()) < tokens:
+        step = state.build(slots, seq_lens)
+        res = state.commit(slots, step, logits_of(step.input_ids, step.position_ids), seq_lens, sampling)
+        emitted = res.next_token_ids.view(n, -1)[:, :stride]
+        for j in range(stride):
+            take = (j < res.accept_lens.long()) & (filled < out.shape[1])
+            out[take, filled[take]] = emitted[take, j]
+            filled = filled + take.long()
+        seq_lens = res.new_seq_lens
+    samples = [tuple(r) for r in out[:, :tokens].tolist()]
+
+    # exact: enumerate the AR chain after the first token (position prompt_len is the first token's)
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    for i in range(tokens):
+        prefixes = list(exact)
+        last = torch.tensor([[s[-1] if s else first] for s in prefixes], device=device)
+        pos = torch.full_like(last, prompt_len + i)
+        rows = probs_of(logits_of(last, pos))[:, 0].tolist()
+        exact = {s + (v,): exact[s] * pv for s, row in zip(prefixes, rows) for v, pv in enumerate(row) if pv > 0}
+    return samples, exact

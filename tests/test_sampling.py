@@ -9,29 +9,30 @@ from idlm.sampling import BatchHints, normalize, process_logits, sample_from_pro
 
 
 def naive_process(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """One row, written the obvious way: temperature, top-k, softmax, top-p (smallest prefix reaching top_p)."""
+    """One row, written the obvious way (SGLang's joint rule): temperature, softmax, then keep a token when it is
+    among the top_k largest (ties with the k-th kept) and the mass of the strictly more likely tokens before it, most
+    likely first, is at most top_p (ties with the last kept token stay too); renormalise."""
     vocab = logits.shape[0]
-    if temperature <= 0:
+    if temperature <= 0 or top_k == 1:
         out = torch.zeros(vocab, dtype=torch.float64)
         out[int(logits.argmax())] = 1.0
         return out
     x = logits.double() / temperature
+    probs = torch.softmax(x, -1)
+    keep = [True] * vocab
     if 0 < top_k < vocab:
         kth = sorted(x.tolist(), reverse=True)[top_k - 1]
-        x = torch.where(x >= kth, x, torch.tensor(float("-inf"), dtype=torch.float64))
-    probs = torch.softmax(x, -1)
+        keep = [keep[i] and x[i].item() >= kth for i in range(vocab)]
     if top_p < 1:
-        order = sorted(range(vocab), key=lambda i: -probs[i].item())
-        keep, mass = [], 0.0
+        order = sorted(range(vocab), key=lambda i: -x[i].item())
+        mass, last = 0.0, None
         for i in order:
-            keep.append(i)
-            mass += probs[i].item()
-            if mass >= top_p:
+            if mass > top_p and last is not None:
                 break
-        kept = torch.zeros(vocab, dtype=torch.float64)
-        kept[keep] = probs[keep]
-        probs = kept / kept.sum()
-    return probs
+            last, mass = i, mass + probs[i].item()
+        keep = [keep[i] and x[i].item() >= x[last].item() for i in range(vocab)]
+    kept = torch.where(torch.tensor(keep), probs, torch.zeros_like(probs))
+    return kept / kept.sum()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -40,8 +41,8 @@ def test_process_logits_matches_naive_rows(seed):
     batch, slots, vocab = 6, 3, 11
     logits = torch.randn(batch, slots, vocab, generator=gen, dtype=torch.float64) * 2
     temperature = torch.tensor([1.0, 0.5, 0.0, 2.0, 0.7, 1.0], dtype=torch.float64)
-    top_k = torch.tensor([0, 3, 5, 0, 1, 11])
-    top_p = torch.tensor([1.0, 1.0, 0.5, 0.6, 0.9, 0.3], dtype=torch.float64)
+    top_k = torch.tensor([0, 3, 5, 4, 1, 11])
+    top_p = torch.tensor([1.0, 0.8, 0.5, 0.6, 0.9, 0.3], dtype=torch.float64)
     probs = process_logits(logits, temperature, top_k, top_p)
     assert probs.shape == logits.shape and probs.dtype == torch.float64
     # the CPU-side hints (no device reads) give the same distributions
@@ -53,6 +54,72 @@ def test_process_logits_matches_naive_rows(seed):
             want = naive_process(logits[b, s], float(temperature[b]), int(top_k[b]), float(top_p[b]))
             torch.testing.assert_close(probs[b, s], want, rtol=0, atol=1e-12)
     torch.testing.assert_close(probs.sum(-1), torch.ones(batch, slots, dtype=torch.float64))
+
+
+def test_top_k_and_top_p_filter_one_distribution():
+    """SGLang's joint rule, where it differs from top-p on the renormalised top-k: with k = 3 and top_p = 0.6 the
+    third token's mass before it is 0.55 <= 0.6 (kept), while after renormalising the top 3 it would be 0.73."""
+    probs = torch.tensor([[0.3, 0.25, 0.2, 0.15, 0.06, 0.04]], dtype=torch.float64)
+    got = process_logits(probs.log(), 1.0, 3, 0.6)
+    torch.testing.assert_close(got, torch.tensor([[0.4, 1 / 3, 0.8 / 3, 0, 0, 0]], dtype=torch.float64))
+    # top_p alone: the mass before the third is 0.55 <= 0.6, before the fourth 0.75 > 0.6
+    torch.testing.assert_close(process_logits(probs.log(), 1.0, 0, 0.6), got)
+    # ties with the last kept token stay, for either filter
+    tied = torch.tensor([[2.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    assert (process_logits(tied, 1.0, 2, 1.0) > 0).tolist() == [[True, True, True, False]]
+    first = torch.softmax(tied, -1)[0, 0].item() + 1e-9  # the second token's mass before it, rounding aside
+    assert (process_logits(tied, 1.0, 0, first) > 0).tolist() == [[True, True, True, False]]
+
+
+def test_top_k_pass_equals_full_sort():
+    """A batch whose rows all have top-k takes the top-k pass; beside a top-p row without top-k it takes the full
+    sort. The rows' distributions are the same either way."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 2, 50, generator=gen, dtype=torch.float64) * 3
+    temp = torch.tensor([1.0, 0.7, 1.3], dtype=torch.float64)
+    top_k, top_p = torch.tensor([5, 20, 0]), torch.tensor([0.9, 0.95, 0.8], dtype=torch.float64)
+    hints = BatchHints.of(temp.tolist(), top_k.tolist(), top_p.tolist(), 50)
+    assert hints.max_top_k == 50  # the last row forces the full sort
+    together = process_logits(logits, temp, top_k, top_p, hints)
+    narrow = BatchHints.of(temp[:2].tolist(), top_k[:2].tolist(), top_p[:2].tolist(), 50)
+    assert narrow.max_top_k == 20
+    alone = process_logits(logits[:2], temp[:2], top_k[:2], top_p[:2], narrow)
+    torch.testing.assert_close(alone, together[:2], rtol=0, atol=1e-15)
+
+
+def test_same_distribution_as_sglang_sampler():
+    """SGLang's own torch sampler (`top_k_top_p_min_p_sampling_from_probs_torch`, its source from the pinned wheel)
+    draws from the distribution `process_logits` returns: rows with top-k and top-p both set, 200k draws each."""
+    import ast
+
+    from tests.sglang_source import MISSING_REASON, read_source, source_root
+
+    root = source_root()
+    if root is None:
+        pytest.skip(MISSING_REASON)
+    tree = ast.parse(read_source(root, "srt/layers/sampler.py"))
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef)
+              and n.name == "top_k_top_p_min_p_sampling_from_probs_torch")
+    scope: dict = {"torch": torch, "Optional": __import__("typing").Optional}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "sglang/srt/layers/sampler.py", "exec"), scope)
+    sglang_sample = scope[fn.name]
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 12, generator=gen, dtype=torch.float64) * 1.5
+    temp = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64)
+    top_k, top_p = torch.tensor([4, 8, 12]), torch.tensor([0.7, 0.9, 0.6], dtype=torch.float64)
+    ours = process_logits(logits, temp, top_k, top_p)
+    n = 200_000
+    for row in range(3):
+        probs = torch.softmax(logits[row] / temp[row], -1).float().expand(n, -1).contiguous()
+        ids = sglang_sample(probs, top_k[row].expand(n), top_p[row].float().expand(n), torch.zeros(n), False,
+                            None, None)
+        freq = torch.bincount(ids.long(), minlength=12).double() / n
+        want = ours[row]
+        assert bool(((freq > 0) == (want > 0)).all()), (row, freq, want)
+        stderr = (want * (1 - want) / n).sqrt().clamp(min=1 / n)
+        assert bool(((freq - want).abs() <= 5 * stderr).all()), (row, freq, want)
 
 
 def test_batch_hints_of_python_values():
