@@ -163,6 +163,9 @@ def propose_drafts(q_probs: torch.Tensor, uniforms: torch.Tensor, mode: str | Se
     """
     if q_probs.shape[1] == 0:
         return torch.zeros(q_probs.shape[:2], dtype=torch.long, device=q_probs.device)
+    if isinstance(mode, str):  # one mode for the batch: only its own pass (sampling costs a cumsum over V)
+        check_draft_mode(mode)
+        return sample_from_probs(q_probs, uniforms) if mode == "sample" else q_probs.argmax(-1)
     sampled = sample_from_probs(q_probs, uniforms)
     use_sample = _mode_mask(mode, q_probs.shape[0], "sample", q_probs.device)
     return torch.where(use_sample[:, None], sampled, q_probs.argmax(-1))

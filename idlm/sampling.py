@@ -99,8 +99,11 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
             mass_before = probs_top.cumsum(-1) - probs_top
             kept = ((mass_before <= p) | (p >= 1)).sum(-1, keepdim=True)  # a prefix; the first always stays
             threshold = torch.maximum(threshold, top.gather(-1, kept.clamp(min=1) - 1))
-        x = x.masked_fill(x < threshold, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
+        # softmax over the kept tokens, from the full distribution's normaliser (no second max / sum pass over V)
+        probs = torch.exp(x - log_z).masked_fill_(x < threshold, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    else:
+        probs = torch.exp(x - log_z)
 
     if hints.any_greedy if hints is not None else bool(greedy.any()):
         onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)

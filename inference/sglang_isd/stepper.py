@@ -128,19 +128,25 @@ class ISDStateTable:
             new_q = None
         else:
             p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
-            q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
             greedy = sampling.greedy
             temp = torch.where(greedy, torch.zeros_like(sampling.temperatures), sampling.temperatures).view(-1)
             top_k, top_p = sampling.top_ks.view(-1), sampling.top_ps.view(-1)
             p_probs = process_logits(p_logits, temp, top_k, top_p, sampling.hints)
-            new_q = process_logits(q_logits, temp, top_k, top_p, sampling.hints)
             u = torch.rand(batch, 2 * k_max + 1, generator=self.generator, device=self.device, dtype=torch.float64)
             # one draft mode for the whole batch (no per-request list: building one from `greedy` would sync): greedy
             # rows have one-hot p and q, for which every exact rule is greedy verification (`process_logits`)
             mode = self.cfg.draft_mode
             old_q = self.q_probs[slots] if self.q_probs is not None else None
             accepted, nxt = verify_drafts(p_probs, old_q, drafts, num_drafts, u[:, :k_max], u[:, k_max], mode)
-            new_drafts = propose_drafts(new_q, u[:, k_max + 1:], mode)
+            if mode == "sample":
+                q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
+                new_q = process_logits(q_logits, temp, top_k, top_p, sampling.hints)
+                new_drafts = propose_drafts(new_q, u[:, k_max + 1:], mode)
+            else:
+                # argmax drafts need no q: the argmax of the processed q is the raw logits' (every filter keeps the
+                # most likely token), and verification accepts x with probability p(x) alone
+                new_q = None
+                new_drafts = logits.argmax(-1).gather(1, step.draft_rows)
         tokens = step_tokens(drafts, accepted, nxt)  # [B, N]
         out = torch.zeros(batch, self.rows, dtype=torch.long, device=self.device)
         out[:, :n] = tokens

@@ -19,6 +19,7 @@ import time
 import torch
 
 from idlm.inference.sglang_isd.config import ISDServeConfig
+from idlm.isd import verify_drafts
 from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
 from idlm.sampling import BatchHints, process_logits
 
@@ -94,6 +95,16 @@ def main() -> None:
         m["process_logits 7 rows, top-k pass"] = timed(lambda: process_logits(three_d, t, k, p, hints), args.reps)
         m["process_logits 7 rows, top-p alone (full sort)"] = timed(
             lambda: process_logits(three_d, t, torch.zeros_like(k), p, no_k), args.reps)
+        four = three_d[:, :n]
+        m["process_logits 4 verify rows, top-k pass"] = timed(lambda: process_logits(four, t, k, p, hints), args.reps)
+        m["of which: topk 50 of 4 rows"] = timed(lambda: torch.topk(four, PAPER["top_k"], dim=-1), args.reps)
+        m["of which: logsumexp of 4 rows"] = timed(lambda: torch.logsumexp(four, -1), args.reps)
+        probs4 = process_logits(four, t, k, p, hints)
+        drafts = torch.randint(0, vocab, (b, n - 1), generator=gen, device=dev)
+        u = torch.rand(b, n, device=dev, dtype=torch.float64, generator=gen)
+        full = torch.full((b,), n - 1, device=dev)
+        m["verify_drafts (argmax rule)"] = timed(
+            lambda: verify_drafts(probs4, None, drafts, full, u[:, :-1], u[:, -1], "argmax"), args.reps)
         for mode in ("argmax", "sample"):
             state = ISDStateTable(b, ISDServeConfig(stride=n, draft_mode=mode), 0, dev, vocab_size=vocab)
             slots = torch.arange(b, device=dev)
