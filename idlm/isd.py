@@ -230,6 +230,43 @@ def verify_drafts(
     return accepted_len, next_token
 
 
+def verify_point_drafts(
+    p_ids: torch.Tensor,
+    p_probs: torch.Tensor,
+    drafts: torch.Tensor,
+    num_drafts: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    sample_uniforms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify_drafts` for ``"argmax"`` drafts (accept x with probability p(x); on rejection sample p without x),
+    on p in sparse form (`idlm.sampling.candidate_probs`): no pass over the vocabulary.
+
+    p_ids, p_probs: [B, K + 1, W] each row's candidate tokens and their probabilities (zero past the kept ones).
+    drafts: [B, K]. num_drafts: [B]. accept_uniforms: [B, K], sample_uniforms: [B], in [0, 1).
+    Returns (accepted_len [B], next_token [B]) with `verify_drafts`' meaning and distribution (the next token is
+    drawn over the candidates in their order, so the same uniform can pick another token than the dense rule).
+    """
+    batch, k_max = drafts.shape
+    device = p_probs.device
+    drafts = drafts.to(device=device, dtype=torch.long)
+    valid = torch.arange(k_max, device=device) < num_drafts.to(device)[:, None]
+    is_x = p_ids[:, :k_max] == drafts[..., None]  # [B, K, W]
+    p_x = (p_probs[:, :k_max] * is_x).sum(-1)
+    accept = (accept_uniforms.to(device=device, dtype=p_x.dtype) < p_x) & valid
+    accepted_len = accept.long().cumprod(-1).sum(-1)
+    rejected = accepted_len < num_drafts.to(device)
+
+    width = p_probs.shape[-1]
+    ids_row = p_ids.gather(1, accepted_len.view(batch, 1, 1).expand(batch, 1, width)).squeeze(1)  # [B, W]
+    p_row = p_probs.gather(1, accepted_len.view(batch, 1, 1).expand(batch, 1, width)).squeeze(1)
+    if k_max > 0:
+        x_row = drafts.gather(1, accepted_len.clamp(max=k_max - 1)[:, None])  # [B, 1]
+        correction = normalize(p_row.masked_fill(ids_row == x_row, 0.0), p_row)
+        p_row = torch.where(rejected[:, None], correction, p_row)
+    pick = sample_from_probs(p_row, sample_uniforms)
+    return accepted_len, ids_row.gather(1, pick[:, None]).squeeze(1)
+
+
 def verify_greedy(
     p_argmax: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,42 @@ class BatchHints:
                    any_greedy=any(is_greedy(t, k) for t, k in zip(temperatures, top_ks)))
 
 
+def candidate_probs(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,
+                    hints: BatchHints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's sampling distribution over its candidate tokens, the filtered distribution in sparse form.
+
+    logits: [B, ..., V]. temperature, top_k, top_p: [B] per request (or scalars). hints: as for `process_logits`.
+    Returns (ids [B, ..., W] long, most likely first; probs [B, ..., W], zero past the kept tokens, each row summing
+    to 1), W = the widest top-k of the batch (V, sorted, when some row has none). The rule is `process_logits`'.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(dtype)
+    vocab = x.shape[-1]
+    temp = _param(temperature, x, dtype)
+    k = _param(top_k, x, torch.long)
+    greedy = is_greedy(temp, k)
+    x = x / torch.where(temp <= 0, torch.ones_like(temp), temp)
+    k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
+    any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
+    width = vocab
+    if any_top_k:
+        width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
+    top, ids = torch.topk(x, width, dim=-1) if width < vocab else x.sort(dim=-1, descending=True)
+    probs = torch.exp(top - torch.logsumexp(x, dim=-1, keepdim=True))  # the full distribution's, not renormalised
+    keep = torch.arange(width, device=x.device) < torch.where(greedy, torch.ones_like(k), k)
+    p = _param(top_p, x, dtype)
+    if hints.any_top_p if hints is not None else bool((p < 1).any()):
+        mass_before = probs.cumsum(-1) - probs
+        keep = keep & ((mass_before <= p) | (p >= 1))  # a prefix; the first token always stays
+    probs = probs * keep
+    probs = probs / probs.sum(-1, keepdim=True)
+    if hints.any_greedy if hints is not None else bool(greedy.any()):
+        # AR's argmax: ties go to the lowest id (topk's order among ties is unspecified)
+        first = torch.where(greedy.squeeze(-1), logits.argmax(-1), ids[..., 0])
+        ids = torch.cat([first.unsqueeze(-1), ids[..., 1:]], dim=-1)
+    return ids, probs
+
+
 def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,
                    hints: BatchHints | None = None) -> torch.Tensor:
     """Turn raw logits into the sampling distribution of each row.
@@ -63,52 +99,34 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
 
     The rule is SGLang's sampler's ("joint": both filters on the one distribution softmax(logits / temperature), not
     top-p on the renormalised top-k as transformers' warpers do), so that ISD's later tokens and the first token,
-    which SGLang samples, follow one distribution. A token stays when it is among the ``top_k`` most likely
-    (``0`` = off) and the mass of the tokens before it, most likely first, is at most ``top_p`` (the most likely
-    token always stays; ``top_p >= 1`` = off); the rest is renormalised. Both filters are value thresholds, so tokens
-    tied with the last one kept stay too (where SGLang's choice among ties follows its sort's order).
+    which SGLang samples, follow one distribution. Most likely first, a token stays when it is among the first
+    ``top_k`` (``0`` = off) and the mass of the tokens before it is at most ``top_p`` (``top_p >= 1`` = off; the
+    first token always stays); the rest is renormalised. Among tokens tied at the k-th place, which stay follows
+    ``torch.topk``'s order (SGLang's, its sort's).
     Greedy rows (`idlm.requests.is_greedy`: ``temperature <= 0`` or ``top_k == 1``) become a one-hot at the argmax
     of the raw logits (ties go to the lowest id, as AR's argmax): with one-hot p and q the ISD acceptance rules
     reduce exactly to greedy verification, so callers need no special case.
 
     Cost: with top-k on every row (the paper's protocol: k = 50), one ``topk`` of width max k and a few elementwise
-    passes over V; only a top-p row without top-k needs a full sort of its vocabulary.
+    passes over V (`candidate_probs`, scattered back); only a top-p row without top-k needs a full sort.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = logits.to(dtype)
-    vocab = x.shape[-1]
-    temp = _param(temperature, x, dtype)
-    k = _param(top_k, x, torch.long)
-    greedy = is_greedy(temp, k)
-    x = x / torch.where(temp <= 0, torch.ones_like(temp), temp)
-    log_z = torch.logsumexp(x, dim=-1, keepdim=True)
-
-    k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
-    any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
-    p = _param(top_p, x, dtype)
-    any_top_p = hints.any_top_p if hints is not None else bool((p < 1).any())
-    if any_top_k or any_top_p:
-        # the candidates in order: top_p's prefix lies within them (every row's top-k <= width), else all V sorted
-        width = vocab
-        if any_top_k:
-            width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
-        top = torch.topk(x, width, dim=-1).values if width < vocab else x.sort(dim=-1, descending=True).values
-        threshold = top.gather(-1, (k.clamp(max=width) - 1).expand(*x.shape[:-1], 1))  # the k-th logit
-        if any_top_p:
-            probs_top = torch.exp(top - log_z)
-            mass_before = probs_top.cumsum(-1) - probs_top
-            kept = ((mass_before <= p) | (p >= 1)).sum(-1, keepdim=True)  # a prefix; the first always stays
-            threshold = torch.maximum(threshold, top.gather(-1, kept.clamp(min=1) - 1))
-        # softmax over the kept tokens, from the full distribution's normaliser (no second max / sum pass over V)
-        probs = torch.exp(x - log_z).masked_fill_(x < threshold, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+    vocab = logits.shape[-1]
+    if hints is not None:
+        filtered = hints.any_top_k or hints.any_top_p
     else:
-        probs = torch.exp(x - log_z)
-
-    if hints.any_greedy if hints is not None else bool(greedy.any()):
-        onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)
-        probs = torch.where(greedy, onehot, probs)
-    return probs
+        k = _param(top_k, logits, torch.long)
+        filtered = bool(((k > 0) & (k < vocab)).any()) or bool((_param(top_p, logits, dtype) < 1).any())
+    if not filtered:  # temperature alone (and greedy rows): no candidates to pick, no sort
+        temp = _param(temperature, logits, dtype)
+        probs = torch.softmax(logits.to(dtype) / torch.where(temp <= 0, torch.ones_like(temp), temp), dim=-1)
+        greedy = is_greedy(temp, _param(top_k, logits, torch.long))
+        if hints.any_greedy if hints is not None else bool(greedy.any()):
+            onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)
+            probs = torch.where(greedy, onehot, probs)
+        return probs
+    ids, probs = candidate_probs(logits, temperature, top_k, top_p, hints)
+    return torch.zeros(logits.shape, dtype=probs.dtype, device=logits.device).scatter_(-1, ids, probs)
 
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

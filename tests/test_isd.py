@@ -18,6 +18,7 @@ from idlm.isd import (
     step_tokens,
     verify_drafts,
     verify_greedy,
+    verify_point_drafts,
 )
 
 MASK = 99
@@ -214,3 +215,41 @@ def test_stats():
     total.merge(stats)
     assert total.emitted == 18 and total.attempted == [6, 4, 2]
     assert ISDStats(stride=1).acceptance == []
+
+
+def test_verify_point_drafts_is_the_dense_rule_on_candidates():
+    """The sparse point rule accepts exactly as `verify_drafts(..., "argmax")` does for the same uniforms, and its
+    next token follows the same distribution (the correction p without x, or the bonus row)."""
+    from idlm.sampling import candidate_probs, process_logits
+
+    gen = torch.Generator().manual_seed(5)
+    batch, k, vocab = 6, 3, 30
+    logits = torch.randn(batch, k + 1, vocab, generator=gen, dtype=torch.float64) * 2
+    temp = torch.tensor([1.0, 0.7, 1.0, 0.0, 1.3, 1.0], dtype=torch.float64)
+    top_k, top_p = torch.tensor([5, 8, 3, 1, 10, 6]), torch.tensor([0.9, 1.0, 0.8, 1.0, 0.95, 0.7], dtype=torch.float64)
+    ids, sparse = candidate_probs(logits, temp, top_k, top_p)
+    dense = process_logits(logits, temp, top_k, top_p)
+    torch.testing.assert_close(torch.zeros_like(dense).scatter_(-1, ids, sparse), dense)
+    assert ids.shape[-1] == 10 and bool((sparse[..., :-1] >= sparse[..., 1:]).all())  # most likely first
+    drafts = dense[:, :k].argmax(-1)
+    drafts[1, 0] = int(dense[1, 0].argmin())  # a draft p rejects for sure
+    num = torch.tensor([3, 3, 2, 3, 0, 1])
+    n = 20_000
+    rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731
+    ua = torch.rand(batch * n, k, generator=gen, dtype=torch.float64)
+    us = torch.rand(batch * n, generator=gen, dtype=torch.float64)
+    acc_s, nxt_s = verify_point_drafts(rep(ids), rep(sparse), rep(drafts), rep(num), ua, us)
+    acc_d, nxt_d = verify_drafts(rep(dense), None, rep(drafts), rep(num), ua, us, "argmax")
+    assert torch.equal(acc_s, acc_d)
+    assert int(acc_s[n:2 * n].max()) == 0 and int((acc_s < rep(num)).sum()) > 1000
+    for b in range(batch):  # per request and accepted length: the next token follows the rule's distribution
+        sel = slice(b * n, (b + 1) * n)
+        for a in range(int(num[b]) + 1):
+            rows = acc_s[sel] == a
+            if int(rows.sum()) < 500:
+                continue
+            want = dense[b, a].clone()
+            if a < int(num[b]):  # draft a + 1 rejected: p without it
+                want[drafts[b, a]] = 0.0
+                want = want / want.sum()
+            _assert_follows(nxt_s[sel][rows], want)

@@ -34,9 +34,10 @@ from idlm.isd import (
     step_tokens,
     verify_drafts,
     verify_greedy,
+    verify_point_drafts,
 )
 from idlm.requests import is_greedy
-from idlm.sampling import BatchHints, process_logits
+from idlm.sampling import BatchHints, candidate_probs, process_logits
 
 from .config import ISDServeConfig
 
@@ -131,13 +132,19 @@ class ISDStateTable:
             greedy = sampling.greedy
             temp = torch.where(greedy, torch.zeros_like(sampling.temperatures), sampling.temperatures).view(-1)
             top_k, top_p = sampling.top_ks.view(-1), sampling.top_ps.view(-1)
-            p_probs = process_logits(p_logits, temp, top_k, top_p, sampling.hints)
             u = torch.rand(batch, 2 * k_max + 1, generator=self.generator, device=self.device, dtype=torch.float64)
             # one draft mode for the whole batch (no per-request list: building one from `greedy` would sync): greedy
             # rows have one-hot p and q, for which every exact rule is greedy verification (`process_logits`)
             mode = self.cfg.draft_mode
-            old_q = self.q_probs[slots] if self.q_probs is not None else None
-            accepted, nxt = verify_drafts(p_probs, old_q, drafts, num_drafts, u[:, :k_max], u[:, k_max], mode)
+            hints = sampling.hints
+            if mode == "argmax" and hints is not None and hints.max_top_k < logits.shape[-1]:
+                # every row has top-k (the paper's protocol): p over its candidates, no pass over V after the top-k
+                p_ids, p_sparse = candidate_probs(p_logits, temp, top_k, top_p, sampling.hints)
+                accepted, nxt = verify_point_drafts(p_ids, p_sparse, drafts, num_drafts, u[:, :k_max], u[:, k_max])
+            else:
+                p_probs = process_logits(p_logits, temp, top_k, top_p, sampling.hints)
+                old_q = self.q_probs[slots] if self.q_probs is not None else None
+                accepted, nxt = verify_drafts(p_probs, old_q, drafts, num_drafts, u[:, :k_max], u[:, k_max], mode)
             if mode == "sample":
                 q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
                 new_q = process_logits(q_logits, temp, top_k, top_p, sampling.hints)

@@ -19,9 +19,9 @@ import time
 import torch
 
 from idlm.inference.sglang_isd.config import ISDServeConfig
-from idlm.isd import verify_drafts
+from idlm.isd import verify_drafts, verify_point_drafts
 from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
-from idlm.sampling import BatchHints, process_logits
+from idlm.sampling import BatchHints, candidate_probs, process_logits
 
 VOCAB = 151936
 PAPER = {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
@@ -105,6 +105,10 @@ def main() -> None:
         full = torch.full((b,), n - 1, device=dev)
         m["verify_drafts (argmax rule)"] = timed(
             lambda: verify_drafts(probs4, None, drafts, full, u[:, :-1], u[:, -1], "argmax"), args.reps)
+        m["candidate_probs 4 verify rows (sparse p)"] = timed(lambda: candidate_probs(four, t, k, p, hints), args.reps)
+        ids4, sparse4 = candidate_probs(four, t, k, p, hints)
+        m["verify_point_drafts (argmax rule, sparse p)"] = timed(
+            lambda: verify_point_drafts(ids4, sparse4, drafts, full, u[:, :-1], u[:, -1]), args.reps)
         for mode in ("argmax", "sample"):
             state = ISDStateTable(b, ISDServeConfig(stride=n, draft_mode=mode), 0, dev, vocab_size=vocab)
             slots = torch.arange(b, device=dev)

@@ -26,8 +26,13 @@ def test_process_logits_on_cuda_matches_float64_cpu():
         want = process_logits(logits.double(), t, k, p)
         hints = BatchHints.of(t.tolist(), k.tolist(), p.tolist(), vocab)
         got = process_logits(logits.cuda(), t.cuda(), k.cuda(), p.cuda(), hints).cpu()
-        assert torch.equal(got > 0, want > 0), label
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=label)
+        # the same number of tokens kept, with the same probabilities; which of the tokens tied at the k-th place
+        # (bf16 logits tie) stays may differ between the CPU's and the GPU's topk
+        assert torch.equal((got > 0).sum(-1), (want > 0).sum(-1)), label
+        top_got, top_want = got.double().sort(-1, descending=True).values, want.sort(-1, descending=True).values
+        torch.testing.assert_close(top_got[..., :64], top_want[..., :64], rtol=1e-4, atol=1e-6, msg=label)
+        untied = (want > 0) & (got > 0)
+        torch.testing.assert_close(got.double()[untied], want[untied], rtol=1e-4, atol=1e-6, msg=label)
 
 
 @pytest.mark.parametrize("mode", ["argmax", "sample"])
