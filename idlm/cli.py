@@ -106,6 +106,9 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "sglang" and args.adaptive_stride:
+        raise UserError("--adaptive-stride is an option of the native engine for now: the SGLang worker runs one "
+                        "stride (its CUDA graphs are captured for 2N - 1 rows per request)")
     if args.engine == "sglang":
         return _cmd_serve_sglang(args)
     if args.ar:
@@ -125,6 +128,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level="info" if args.verbose else "warning",
         max_request_bytes=args.max_request_bytes,
         draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["native"],
+        adaptive_stride=args.adaptive_stride,
     )
     return 0
 
@@ -151,6 +155,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-mode", default=None, choices=SERVING_DRAFT_MODES,
                    help="how sampled requests draft (both exact, see docs/isd.md; default: sample on the native "
                         "engine, argmax on sglang, idlm.requests.DEFAULT_DRAFT_MODE says why)")
+    p.add_argument("--adaptive-stride", action="store_true",
+                   help="native engine: measure the decode step's cost at start-up and choose N (at most --stride) "
+                        "for every step from it and the live acceptance, for the most tokens/s (docs/isd.md)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
     p.add_argument("--print-command", action="store_true", help="sglang engine: print the launch command and exit")
     p.add_argument("--ar", action="store_true", help="sglang engine: plain autoregressive decoding of any causal LM "

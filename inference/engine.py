@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from idlm.adaptive import AdaptiveStride, StepCostTable
 from idlm.checkpoint import idlm_config_of, load_causal_lm
 from idlm.config import decode_stride_problem
 from idlm.errors import UserError
@@ -339,6 +342,8 @@ class ISDEngine:
     model: a transformers causal LM with full (non-sliding) attention, attn_implementation "sdpa" or "eager".
         For R-ISD pass the base model with a gated LoRA attached by `idlm.lora.load_gated_lora`.
     stride: N (1 = plain AR decoding through the same code). mask_token_id: the MASK input id (needed for N > 1).
+    stride_policy: load-adaptive stride (`idlm.adaptive.AdaptiveStride`): each decode step runs at the N it chooses
+        for the batch, at most ``stride``; outputs keep their distribution (greedy ones stay the AR output).
     max_context: positions the model supports (default: config.max_position_embeddings).
     device: moves the model there (default: leave it where it is). The model is put in eval mode.
     """
@@ -352,6 +357,7 @@ class ISDEngine:
         max_batch_size: int = 16,
         max_context: int | None = None,
         device=None,
+        stride_policy: AdaptiveStride | None = None,
     ):
         if decode_stride_problem(stride):
             raise ValueError(decode_stride_problem(stride))
@@ -373,6 +379,9 @@ class ISDEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.stride = stride
+        if stride_policy is not None and stride_policy.max_stride != stride:
+            raise ValueError(f"the stride policy's max_stride {stride_policy.max_stride} is not the engine's {stride}")
+        self.stride_policy = stride_policy
         self.mask_token_id = mask_token_id
         self.max_batch_size = max_batch_size
         self.max_context = int(max_context or getattr(config, "max_position_embeddings", None) or 1 << 30)
@@ -539,6 +548,44 @@ class ISDEngine:
     def request_stats(self, request_id: str) -> ISDStats:
         return self._requests[request_id].stats
 
+    @torch.no_grad()
+    def measure_step_costs(self, batch_sizes: list[int], context: int = 256, reps: int = 3) -> StepCostTable:
+        """Seconds of one decode forward at each batch size and each stride N = 1..``stride`` (2N - 1 rows per
+        request, padded as real steps are), over a dummy cached context of ``context`` tokens: the median of
+        ``reps`` forwards after one warm-up. The table `idlm.adaptive.AdaptiveStride` chooses N from."""
+        sizes = sorted(set(int(b) for b in batch_sizes))
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {batch_sizes}")
+        context = max(1, min(context, self.max_context - max_step_rows(self.stride) - 8))
+        strides = range(1, self.stride + 1)
+        fill = self.mask_token_id if self.mask_token_id is not None else 0
+        seconds = []
+        for b in sizes:
+            cache = PaddedKVCache([0] * b, self.device)
+            ids = torch.full((b, context), fill, dtype=torch.long, device=self.device)
+            positions = torch.arange(context, device=self.device).expand(b, context)
+            self._forward(cache, ids, positions, torch.zeros_like(ids, dtype=torch.bool), 1)
+            cache.commit([context] * b)
+            row = []
+            for n in strides:
+                width = _padded_width(2 * n - 1, b) if self.device.type == "cpu" and n > 1 else 2 * n - 1
+                step_ids = torch.full((b, width), fill, dtype=torch.long, device=self.device)
+                step_pos = (context + torch.arange(width, device=self.device)).expand(b, width)
+                lora_rows = (torch.arange(width, device=self.device) >= n).expand(b, width)  # the MASK rows
+                times = []
+                for _ in range(reps + 1):
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    t0 = time.perf_counter()
+                    self._forward(cache, step_ids, step_pos, lora_rows)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    times.append(time.perf_counter() - t0)
+                    cache.commit([0] * b)
+                row.append(statistics.median(times[1:]))
+            seconds.append(tuple(row))
+        return StepCostTable(tuple(sizes), tuple(2 * n - 1 for n in strides), tuple(seconds))
+
     # -- internals --------------------------------------------------------------------------------------------------
 
     @contextmanager
@@ -557,18 +604,16 @@ class ISDEngine:
                              logits_to_keep=logits_to_keep)
         return out.logits
 
-    def _step_width(self, need: int, batch: int) -> int:
+    def _step_width(self, need: int, batch: int, stride: int) -> int:
         """Rows per request of one ISD decode forward: ``need`` (the widest request's 1 + k + N - 1), padded on a CPU
         until batch x rows is a multiple of 8 where the context has room. CPU matmuls are slower for a row count off
         a multiple of 8 (a SmolLM2-135M forward on 2 cores took 109-131 ms at 7 rows and 91-120 ms at 8:
         scripts/dev/cpu_row_cost.py, docs/results/small_scale.md). The extra rows are MASK rows after every real one:
         causal attention keeps them out of the real rows' outputs, and the cache drops their KV with the other
         unaccepted rows."""
-        if self.device.type != "cpu" or self.stride == 1:
+        if self.device.type != "cpu" or stride == 1:
             return need
-        width = need
-        while (batch * width) % 8:
-            width += 1
+        width = _padded_width(need, batch)
         return width if max(self._cache.lengths) + width <= self.max_context else need
 
     def _params(self, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -672,13 +717,16 @@ class ISDEngine:
 
     def _decode(self) -> list[_Request]:
         """One batched ISD forward over all running requests; emits tokens, trims the cache, retires finished ones."""
-        reqs, n, dev = self._running, self.stride, self.device
+        reqs, dev = self._running, self.device
+        n = self.stride_policy.choose(len(reqs)) if self.stride_policy is not None else self.stride
         k_max = n - 1
+        for req in reqs:
+            _fit_drafts(req, k_max)
         pending = torch.tensor([r.pending for r in reqs], device=dev)
         drafts = torch.tensor([r.drafts for r in reqs], dtype=torch.long, device=dev).view(len(reqs), k_max)
         num_drafts = torch.tensor([r.num_drafts for r in reqs], device=dev)
         committed = torch.tensor(self._cache.lengths, device=dev)
-        width = self._step_width(n + max(r.num_drafts for r in reqs), len(reqs))
+        width = self._step_width(n + max(r.num_drafts for r in reqs), len(reqs), n)
         step = build_step(pending, drafts, num_drafts, committed, n, self.mask_token_id, num_rows=width)
         logits = self._forward(self._cache, step.input_ids, step.position_ids, step.mask_rows)
         p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
@@ -701,6 +749,10 @@ class ISDEngine:
             new_drafts = propose_drafts(q_probs, u[:, k_max + 1:], modes)
             new_q = q_probs
 
+        if self.stride_policy is not None and k_max:
+            position = torch.arange(1, n, device=dev)
+            attempted = (num_drafts[:, None] >= position) & (accepted[:, None] >= position - 1)
+            self.stride_policy.observe(attempted.sum(0).tolist(), (accepted[:, None] >= position).sum(0).tolist())
         self._cache.commit(rows_to_keep(accepted).tolist())
         tokens = step_tokens(drafts, accepted, nxt).tolist()
         acc_list, nxt_list = accepted.tolist(), nxt.tolist()
@@ -720,6 +772,28 @@ class ISDEngine:
             self._cache.select(keep)
             self._running = [reqs[i] for i in keep]
         return reqs
+
+
+def _padded_width(need: int, batch: int) -> int:
+    """The smallest width >= need with batch x width a multiple of 8 (see `ISDEngine._step_width`)."""
+    width = need
+    while (batch * width) % 8:
+        width += 1
+    return width
+
+
+def _fit_drafts(req: _Request, k_max: int) -> None:
+    """Give a request's draft state the length of a step at stride k_max + 1: drafts (and q rows) beyond it are
+    dropped, missing ones are padding past ``num_drafts`` (the step then verifies fewer drafts)."""
+    k = len(req.drafts)
+    if k > k_max:
+        req.drafts, req.num_drafts = req.drafts[:k_max], min(req.num_drafts, k_max)
+        if req.q_probs is not None:
+            req.q_probs = req.q_probs[:k_max] if k_max else None
+    elif k < k_max:
+        req.drafts = req.drafts + [0] * (k_max - k)
+        if req.q_probs is not None:
+            req.q_probs = torch.cat([req.q_probs, req.q_probs.new_zeros(k_max - k, req.q_probs.shape[-1])])
 
 
 def _rng_states(reqs: list[_Request]) -> list[tuple[torch.Generator, torch.Tensor]]:

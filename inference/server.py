@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -444,9 +445,11 @@ def serve(
     log_level: str = "warning",
     max_request_bytes: int | None = None,
     draft_mode: str = DEFAULT_DRAFT_MODE["native"],
+    adaptive_stride: bool = False,
 ) -> None:
     """Load the checkpoint into the reference ISD engine and serve it until interrupted; sampled requests draft by
-    ``draft_mode`` (``sample`` or ``argmax``, both exact, see `idlm.isd`)."""
+    ``draft_mode`` (``sample`` or ``argmax``, both exact, see `idlm.isd`). ``adaptive_stride``: measure the decode
+    step's cost at start-up and let `idlm.adaptive.AdaptiveStride` choose N (at most the stride) for every step."""
     import uvicorn
 
     from .engine import ISDEngine
@@ -463,6 +466,16 @@ def serve(
     try:
         engine = ISDEngine.from_pretrained(model_dir, stride=stride, lora=lora, device=device, dtype=dtype,
                                            max_batch_size=max_batch_size)
+        if adaptive_stride:
+            from idlm.adaptive import AdaptiveStride
+
+            sizes = sorted({1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
+                           | {max_batch_size})
+            table = engine.measure_step_costs(sizes)
+            engine.stride_policy = AdaptiveStride(engine.stride, table)
+            ms = {b: [round(1e3 * t, 1) for t in row] for b, row in zip(table.batch_sizes, table.seconds)}
+            print(f"idlm serve: adaptive stride N <= {engine.stride}; decode step ms by batch size for N = "
+                  f"1..{engine.stride}: {ms}", file=sys.stderr, flush=True)
         runner = EngineRunner(engine, max_batch_size=max_batch_size).start()
         name = served_model_name or Path(model_dir.rstrip("/")).name or model_dir
         url = server_url(sock)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from idlm.adaptive import AdaptiveStride, StepCostTable
 from idlm.inference.engine import ISDEngine, SamplingParams
 from idlm.isd import ISDStats
 from tests.helpers import tiny_model
@@ -295,8 +296,8 @@ def test_cpu_decode_pads_rows_to_a_multiple_of_eight_without_changing_outputs(mo
     padded = ISDEngine(model, None, stride, MASK, max_batch_size=1)
     step_width = padded._step_width
 
-    def spy(need, batch):
-        widths.append((batch, step_width(need, batch)))
+    def spy(need, batch, n):
+        widths.append((batch, step_width(need, batch, n)))
         return widths[-1][1]
     padded._step_width = spy
     for prompt, n, ref in zip(PROMPTS[:4], MAX_NEW[:4], greedy_refs[:4]):
@@ -305,7 +306,76 @@ def test_cpu_decode_pads_rows_to_a_multiple_of_eight_without_changing_outputs(mo
     assert widths and all(b * r % 8 == 0 for b, r in widths), widths
 
     plain = ISDEngine(model, None, stride, MASK, max_batch_size=1)
-    plain._step_width = lambda need, batch: need
+    plain._step_width = lambda need, batch, n: need
     sampled = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(4)]
     assert [o.token_ids for o in padded.generate(PROMPTS[:4], sampled)] == \
            [o.token_ids for o in plain.generate(PROMPTS[:4], sampled)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load-adaptive stride: N changes between steps, outputs keep their distribution
+
+
+class _CyclingStride(AdaptiveStride):
+    """A policy that runs the strides of ``cycle`` in turn (every transition between them, whatever the load)."""
+
+    def __init__(self, max_stride: int, cycle: list[int]):
+        rows = tuple(2 * n - 1 for n in range(1, max_stride + 1))
+        super().__init__(max_stride, StepCostTable((1,), rows, ((1.0,) * len(rows),)))
+        self.cycle, self.steps = cycle, 0
+
+    def choose(self, batch: int) -> int:
+        n = self.cycle[self.steps % len(self.cycle)]
+        self.steps += 1
+        self.chosen[n] = self.chosen.get(n, 0) + 1
+        return n
+
+
+def test_greedy_with_a_changing_stride_equals_naive_ar(dist_model, model):
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 0, 1], [2, 2], [7, 1, 3, 3, 3, 6]]
+    refs = [naive_greedy(dist_model, p, 24) for p in prompts]
+    policy = _CyclingStride(4, [4, 2, 1, 3, 4, 4, 2, 3, 1])
+    engine = ISDEngine(dist_model, None, 4, DIST_MASK, max_batch_size=3, stride_policy=policy)
+    outs, stats = _run(engine, prompts, [SamplingParams(max_new_tokens=24)] * len(prompts), join_after=2, first=3)
+    assert [o.token_ids for o in outs] == refs
+    assert set(policy.chosen) == {1, 2, 3, 4}
+    # drafts were accepted and rejected at several positions, across the stride changes
+    assert sum(s.accepted[1] for s in stats) > 0 and sum(s.rejections for s in stats) > 0
+    with pytest.raises(ValueError, match="max_stride"):
+        ISDEngine(model, None, 3, MASK, stride_policy=policy)
+
+
+@pytest.mark.parametrize("mode", ["sample", "argmax"])
+def test_sampled_isd_with_a_changing_stride_follows_the_ar_distribution(dist_model, exact_t1, mode):
+    n = 3000
+    engine = ISDEngine(dist_model, None, 4, DIST_MASK, max_batch_size=n, stride_policy=_CyclingStride(4, [4, 2, 3, 1]))
+    params = [SamplingParams(max_new_tokens=DIST_TOKENS, seed=20_000 + i, draft_mode=mode, temperature=1.0)
+              for i in range(n)]
+    outs = engine.generate([DIST_PROMPT] * n, params)
+    p_value, df = g_test(exact_t1, [tuple(o.token_ids) for o in outs])
+    assert df >= 40 and p_value > ALPHA, f"{mode}: G test p = {p_value:.2e} over {df} dof"
+
+
+def test_adaptive_stride_in_the_engine_follows_the_cost_table(model, greedy_refs):
+    """With a cost table where every extra row costs as much as the first, the policy runs AR (N = 1); where rows
+    are free, it runs the largest N. Outputs are the AR outputs either way, and the policy learns acceptance."""
+    rows = (1, 3, 5, 7)
+    for per_row, want in ((1.0, {1}), (0.0, {4})):
+        table = StepCostTable((1, 16), rows, tuple(tuple(1.0 + per_row * r for r in rows) for _ in range(2)))
+        policy = AdaptiveStride(4, table)
+        engine = ISDEngine(model, None, 4, MASK, max_batch_size=8, stride_policy=policy)
+        outs = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
+        assert [o.token_ids for o in outs] == greedy_refs
+        assert set(policy.chosen) == want
+    assert policy.acceptance != [0.5, 0.5, 0.5]  # the N = 4 run observed its drafts
+
+
+def test_measure_step_costs_gives_a_table_the_policy_takes(model, greedy_refs):
+    engine = ISDEngine(model, None, 3, MASK, max_batch_size=4)
+    table = engine.measure_step_costs([1, 4, 2], context=16, reps=1)
+    assert table.batch_sizes == (1, 2, 4) and table.rows == (1, 3, 5)
+    assert all(s > 0 for row in table.seconds for s in row)
+    engine.stride_policy = AdaptiveStride(3, table)
+    assert engine._cache.batch_size == 0  # the measurement left no state behind
+    outs = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
+    assert [o.token_ids for o in outs] == greedy_refs and sum(engine.stride_policy.chosen.values()) > 0

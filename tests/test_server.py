@@ -416,7 +416,8 @@ def test_engine_failure_fails_the_request_with_500_and_the_server_survives(serve
     _wait(lambda: _idle(server), 10, "the engine to drain")
 
 
-def test_cli_serve(idlm_dir, tmp_path):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_cli_serve(idlm_dir, tmp_path, adaptive):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     bad = subprocess.run([sys.executable, "-m", "idlm", "serve", "--model", idlm_dir, "--engine", "sglang"],
                          capture_output=True, text=True, timeout=60, env=env)
@@ -426,7 +427,8 @@ def test_cli_serve(idlm_dir, tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "idlm", "serve", "--model", idlm_dir, "--port", "0",
-                                 "--served-model-name", "cli-tiny", "--max-request-bytes", "4096"],
+                                 "--served-model-name", "cli-tiny", "--max-request-bytes", "4096",
+                                 *(["--adaptive-stride", "--max-batch-size", "4"] if adaptive else [])],
                                 stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=env)
     lines: queue.Queue = queue.Queue()
@@ -452,6 +454,8 @@ def test_cli_serve(idlm_dir, tmp_path):
             assert r.status_code == 200, r.text
             r = c.post("/chat/completions", json={"messages": [{"role": "user", "content": "x" * 5000}]})
             assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+        if adaptive:  # the measured step costs, by batch size 1, 2, 4, for every N
+            assert "adaptive stride N <= " in log.read_text() and "4: [" in log.read_text()
     finally:
         proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
         try:

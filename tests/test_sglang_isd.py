@@ -275,6 +275,8 @@ def test_launch_command_and_cli(tmp_path, capsys):
         assert "--ar serves plain autoregressive decoding" in capsys.readouterr().err
     assert main(["serve", "--ar", "--model", str(plain)]) == 2
     assert "--ar is an option of --engine sglang" in capsys.readouterr().err
+    assert main(["serve", "--engine", "sglang", "--adaptive-stride", "--model", str(plain), "--print-command"]) == 2
+    assert "--adaptive-stride is an option of the native engine" in capsys.readouterr().err
 
 
 def test_risd_launch_command_and_server_args(tmp_path, monkeypatch, capsys):
