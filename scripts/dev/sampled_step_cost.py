@@ -9,6 +9,7 @@ Random bf16-rounded logits, N = 4 (7 rows per request); CUDA-event medians of --
     python scripts/dev/sampled_step_cost.py [--batch 32 64] [--out FILE.json]
 """
 
+# ruff: noqa: B023  (each lambda runs inside `timed` before the loop moves on)
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ import time
 import torch
 
 from idlm.inference.sglang_isd.config import ISDServeConfig
-from idlm.isd import verify_drafts, verify_point_drafts
 from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
+from idlm.isd import verify_drafts, verify_point_drafts
 from idlm.sampling import BatchHints, candidate_probs, process_logits
 
 VOCAB = 151936
