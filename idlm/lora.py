@@ -77,6 +77,7 @@ class LoRAGate:
         self._explicit: torch.Tensor | None = None  # [B, R] bool, set by the engine for one forward
         self._from_ids: torch.Tensor | None = None  # [B, R] bool, input_ids == mask id of the current forward
         self._handles: list = []
+        self._layers: list = []  # the gated PEFT LoRA layers
 
     @contextmanager
     def rows(self, mask_rows: torch.Tensor) -> Iterator[None]:
@@ -86,6 +87,19 @@ class LoRAGate:
             yield
         finally:
             self._explicit = None
+
+    @contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Forwards inside the block have no MASK row: skip every LoRA branch (gate 0 on every row, without
+        computing it), so they cost what the base model costs."""
+        before = [layer._disable_adapters for layer in self._layers]
+        for layer in self._layers:
+            layer._disable_adapters = True  # what PEFT's forward reads; enable_adapters() would also touch grads
+        try:
+            yield
+        finally:
+            for layer, was in zip(self._layers, before):
+                layer._disable_adapters = was
 
     def _on_embedding(self, module, args, kwargs=None) -> None:
         ids = args[0] if args else (kwargs or {}).get("input")
@@ -124,6 +138,9 @@ def attach_gate(model: torch.nn.Module, mask_token_id: int) -> LoRAGate:
             raise UserError(f"gated LoRA does not support LoRA variants (DoRA, ...) on {name}")
         if getattr(layer, "merged", False):
             raise UserError(f"{name} has merged LoRA weights; a merged adapter cannot be gated")
+        if not isinstance(getattr(layer, "_disable_adapters", None), bool):
+            raise UserError(f"{name}: this PEFT version's LoRA layers have no _disable_adapters flag to bypass")
+        gate._layers.append(layer)
         for branch in layer.lora_B.values():
             gate._handles.append(branch.register_forward_hook(gate._on_lora_branch))
     gate._handles.append(model.get_input_embeddings().register_forward_pre_hook(gate._on_embedding))

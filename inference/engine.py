@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -564,14 +564,14 @@ class ISDEngine:
             cache = PaddedKVCache([0] * b, self.device)
             ids = torch.full((b, context), fill, dtype=torch.long, device=self.device)
             positions = torch.arange(context, device=self.device).expand(b, context)
-            self._forward(cache, ids, positions, torch.zeros_like(ids, dtype=torch.bool), 1)
+            self._forward(cache, ids, positions, None, 1)
             cache.commit([context] * b)
             row = []
             for n in strides:
                 width = _padded_width(2 * n - 1, b) if self.device.type == "cpu" and n > 1 else 2 * n - 1
                 step_ids = torch.full((b, width), fill, dtype=torch.long, device=self.device)
                 step_pos = (context + torch.arange(width, device=self.device)).expand(b, width)
-                lora_rows = (torch.arange(width, device=self.device) >= n).expand(b, width)  # the MASK rows
+                lora_rows = (torch.arange(width, device=self.device) >= n).expand(b, width) if n > 1 else None
                 times = []
                 for _ in range(reps + 1):
                     if self.device.type == "cuda":
@@ -589,13 +589,18 @@ class ISDEngine:
     # -- internals --------------------------------------------------------------------------------------------------
 
     @contextmanager
-    def _gated(self, mask_rows: torch.Tensor) -> Iterator[None]:
-        with self._gate.rows(mask_rows) if self._gate is not None else nullcontext():
+    def _gated(self, mask_rows: torch.Tensor | None) -> Iterator[None]:
+        if self._gate is None:
             yield
+        else:
+            with self._gate.rows(mask_rows) if mask_rows is not None else self._gate.bypass():
+                yield
 
     def _forward(self, cache: PaddedKVCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 lora_rows: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
-        """Run the step rows [B, R] over ``cache`` (which receives their KV); returns the logits [B, R', V]."""
+                 lora_rows: torch.Tensor | None, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """Run the step rows [B, R] over ``cache`` (which receives their KV); returns the logits [B, R', V].
+        lora_rows: [B, R] the MASK rows R-ISD's LoRA runs on; None when there is none (a prefill, an N = 1 step),
+        which skips the LoRA branches altogether."""
         num_rows = input_ids.shape[1]
         mask = cache.attention_mask(num_rows, self._mask_dtype)
         with self._gated(lora_rows):
@@ -694,7 +699,7 @@ class ISDEngine:
         cache = PaddedKVCache([0] * len(reqs), self.device)
         last = sorted(set(n - 1 for n in lengths))  # only the last prompt row's logits are needed
         keep_idx = torch.tensor(last, device=self.device)
-        logits = self._forward(cache, ids, positions, torch.zeros_like(ids, dtype=torch.bool), keep_idx)
+        logits = self._forward(cache, ids, positions, None, keep_idx)
         cache.commit(lengths)
         col = torch.tensor([last.index(n - 1) for n in lengths], device=self.device)
         last_logits = logits[torch.arange(len(reqs), device=self.device), col]  # [B, V]
@@ -728,7 +733,7 @@ class ISDEngine:
         committed = torch.tensor(self._cache.lengths, device=dev)
         width = self._step_width(n + max(r.num_drafts for r in reqs), len(reqs), n)
         step = build_step(pending, drafts, num_drafts, committed, n, self.mask_token_id, num_rows=width)
-        logits = self._forward(self._cache, step.input_ids, step.position_ids, step.mask_rows)
+        logits = self._forward(self._cache, step.input_ids, step.position_ids, step.mask_rows if n > 1 else None)
         p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
         q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
 

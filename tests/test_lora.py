@@ -68,6 +68,25 @@ def test_gate_keeps_verify_rows_exactly_base(base, lora_model):
         assert torch.equal(lora_model(input_ids=ids).logits, want)
 
 
+@torch.no_grad()
+def test_bypass_runs_no_lora_branch(base, lora_model):
+    """A forward without MASK rows (a prefill, an N = 1 step) skips the LoRA branches: base logits bit for bit, and
+    no LoRA matmul runs (what keeps R-ISD's AR steps at the base's cost)."""
+    ids = torch.tensor([[3, 4, 5, 9, 1, 2]])
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in lora_model.named_modules()
+             if n.endswith("lora_A.default")]
+    assert hooks
+    gate = lora_model.idlm_lora_gate
+    with gate.bypass():
+        got = lora_model(input_ids=ids).logits
+    assert torch.equal(got, base(input_ids=ids).logits) and not calls
+    lora_model(input_ids=ids)  # outside the block the branches run again (gated by the ids: zeros here)
+    assert calls and all(not layer._disable_adapters for layer in gate._layers)
+    for h in hooks:
+        h.remove()
+
+
 def test_risd_greedy_equals_base_greedy(lora_model, refs):
     engine = ISDEngine(lora_model, None, 3, MASK, max_batch_size=3)
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=14)) for p in PROMPTS]
