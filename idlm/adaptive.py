@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -76,9 +76,9 @@ class StepCostTable:
                    tuple(tuple(float(s) for s in row) for row in data["seconds"]))
 
 
-def best_stride(acceptance: Sequence[float], cost: StepCostTable, batch: int, max_stride: int) -> int:
+def best_stride(acceptance: Sequence[float], cost: Callable[[int, int], float], batch: int, max_stride: int) -> int:
     """The N in 1..max_stride with the most expected tokens per second for a batch of ``batch`` requests (ties go
-    to the smaller N)."""
+    to the smaller N). cost(batch, rows): seconds of a step with ``rows`` rows per request (a `StepCostTable`)."""
     best, best_rate = 1, 0.0
     for n in range(1, max_stride + 1):
         rate = tokens_per_forward(acceptance, n) / cost(batch, 2 * n - 1)
@@ -105,6 +105,7 @@ class AdaptiveStride:
     attempted: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
     chosen: dict[int, int] = field(default_factory=dict)  # steps run at each N
+    cost_scale: dict[int, float] = field(default_factory=dict)  # N -> measured step seconds / the table's
 
     def __post_init__(self) -> None:
         if self.max_stride < 1:
@@ -128,7 +129,20 @@ class AdaptiveStride:
             self.attempted[k] = self.attempted[k] * keep + attempted[k]
             self.accepted[k] = self.accepted[k] * keep + accepted[k]
 
+    def observe_cost(self, batch: int, stride: int, seconds: float) -> None:
+        """A whole decode step's wall time at ``stride`` for ``batch`` requests. What the table does not hold (the
+        step's own work around the forward, a machine slower than at start-up) moves that N's cost scale, an
+        exponential average of measured / tabled seconds over about 20 steps (fewer when ``memory`` is smaller).
+        Strides that stop being chosen keep their last scale."""
+        ratio = seconds / self.cost(batch, 2 * stride - 1)
+        old = self.cost_scale.get(stride)
+        self.cost_scale[stride] = ratio if old is None else old + (ratio - old) / min(self.memory, 20.0)
+
+    def step_cost(self, batch: int, rows: int) -> float:
+        """The expected seconds of a step: the table's, times what the steps of that N measured so far."""
+        return self.cost(batch, rows) * self.cost_scale.get((rows + 1) // 2, 1.0)
+
     def choose(self, batch: int) -> int:
-        n = best_stride(self.acceptance, self.cost, batch, self.max_stride)
+        n = best_stride(self.acceptance, self.step_cost, batch, self.max_stride)
         self.chosen[n] = self.chosen.get(n, 0) + 1
         return n

@@ -722,7 +722,7 @@ class ISDEngine:
 
     def _decode(self) -> list[_Request]:
         """One batched ISD forward over all running requests; emits tokens, trims the cache, retires finished ones."""
-        reqs, dev = self._running, self.device
+        reqs, dev, t0 = self._running, self.device, time.perf_counter()
         n = self.stride_policy.choose(len(reqs)) if self.stride_policy is not None else self.stride
         k_max = n - 1
         for req in reqs:
@@ -776,6 +776,8 @@ class ISDEngine:
         if len(keep) < len(reqs):
             self._cache.select(keep)
             self._running = [reqs[i] for i in keep]
+        if self.stride_policy is not None:  # the whole step, synchronised by the .tolist() reads above
+            self.stride_policy.observe_cost(len(reqs), n, time.perf_counter() - t0)
         return reqs
 
 

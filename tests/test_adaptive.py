@@ -76,3 +76,20 @@ def test_adaptive_stride_learns_acceptance():
     assert policy.choose(1) >= 2 and policy.chosen
     with pytest.raises(ValueError, match="lacks rows"):
         AdaptiveStride(5, _table())
+
+
+def test_measured_step_times_correct_the_table():
+    """A table that underestimates the 7-row step: once steps at N = 4 measure 1.6x the table, N = 3 wins."""
+    rows = (1, 3, 5, 7)
+    table = StepCostTable((1,), rows, ((1.0, 1.02, 1.04, 1.06),))
+    policy = AdaptiveStride(4, table)
+    for _ in range(50):
+        policy.observe([10, 10, 10], [9, 8, 7])  # acceptance 0.9 0.8 0.7: TPF 2.42 at N = 4, 2.27 at N = 3
+    assert policy.choose(1) == 4
+    for _ in range(60):
+        policy.observe_cost(1, 4, 1.06 * 1.6)  # the steps of N = 4 take 1.6x what the table says
+    assert policy.cost_scale[4] == pytest.approx(1.6, rel=0.01)
+    assert policy.step_cost(1, 7) == pytest.approx(1.06 * 1.6, rel=0.01)
+    assert policy.choose(1) == 3
+    policy.observe_cost(1, 1, 0.4)  # AR measured at 0.4x the table (its first measurement is taken whole)
+    assert policy.cost_scale[1] == 0.4 and policy.choose(1) == 1  # 2.5 tokens per table-second beats N = 3's 2.18
