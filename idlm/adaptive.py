@@ -94,7 +94,9 @@ class AdaptiveStride:
     max_stride: the largest N (the model's trained stride). cost: the measured step costs (`StepCostTable`, with
     rows 2N - 1 for every N in 1..max_stride). memory: steps over which acceptance counts fade (each step scales the
     old counts by 1 - 1 / memory), so the estimate follows the workload. prior: the acceptance assumed before a
-    position has been seen, worth ``prior_weight`` attempts.
+    position has been seen, worth ``prior_weight`` attempts. explore_every: every that many steps run the second
+    best N once, so that the estimates of an N not chosen lately (its acceptance, its measured cost) keep up with
+    the workload (0: never).
     """
 
     max_stride: int
@@ -106,6 +108,8 @@ class AdaptiveStride:
     accepted: list[float] = field(default_factory=list)
     chosen: dict[int, int] = field(default_factory=dict)  # steps run at each N
     cost_scale: dict[int, float] = field(default_factory=dict)  # N -> measured step seconds / the table's
+    explore_every: int = 100
+    steps: int = 0
 
     def __post_init__(self) -> None:
         if self.max_stride < 1:
@@ -144,5 +148,10 @@ class AdaptiveStride:
 
     def choose(self, batch: int) -> int:
         n = best_stride(self.acceptance, self.step_cost, batch, self.max_stride)
+        self.steps += 1
+        if self.explore_every and self.steps % self.explore_every == 0 and self.max_stride > 1:
+            rates = {m: tokens_per_forward(self.acceptance, m) / self.step_cost(batch, 2 * m - 1)
+                     for m in range(1, self.max_stride + 1) if m != n}
+            n = max(rates, key=rates.get)
         self.chosen[n] = self.chosen.get(n, 0) + 1
         return n

@@ -93,3 +93,13 @@ def test_measured_step_times_correct_the_table():
     assert policy.choose(1) == 3
     policy.observe_cost(1, 1, 0.4)  # AR measured at 0.4x the table (its first measurement is taken whole)
     assert policy.cost_scale[1] == 0.4 and policy.choose(1) == 1  # 2.5 tokens per table-second beats N = 3's 2.18
+
+
+def test_exploration_runs_the_runner_up_now_and_then():
+    rows = (1, 3, 5, 7)
+    table = StepCostTable((1,), rows, ((1.0, 3.0, 5.0, 7.0),))  # every row costs the same: AR wins
+    policy = AdaptiveStride(4, table, explore_every=10)
+    picks = [policy.choose(1) for _ in range(30)]
+    assert picks.count(1) == 27 and picks[9] == picks[19] == picks[29] == 2  # N = 2 is the runner-up
+    quiet = AdaptiveStride(4, table, explore_every=0)
+    assert {quiet.choose(1) for _ in range(300)} == {1}

@@ -362,7 +362,7 @@ def test_adaptive_stride_in_the_engine_follows_the_cost_table(model, greedy_refs
     rows = (1, 3, 5, 7)
     for per_row, want in ((1.0, {1}), (0.0, {4})):
         table = StepCostTable((1, 16), rows, tuple(tuple(1.0 + per_row * r for r in rows) for _ in range(2)))
-        policy = AdaptiveStride(4, table)
+        policy = AdaptiveStride(4, table, explore_every=0)  # the choice alone (exploration: tests/test_adaptive.py)
         engine = ISDEngine(model, None, 4, MASK, max_batch_size=8, stride_policy=policy)
         outs = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW])
         assert [o.token_ids for o in outs] == greedy_refs
