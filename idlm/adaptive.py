@@ -76,15 +76,26 @@ class StepCostTable:
                    tuple(tuple(float(s) for s in row) for row in data["seconds"]))
 
 
+def stride_rates(acceptance: Sequence[float], cost: Callable[[int, int], float], batch: int,
+                 max_stride: int) -> dict[int, float]:
+    """Expected tokens per second of a ``batch``-request step at each N in 1..max_stride. cost(batch, rows):
+    seconds of a step with ``rows`` rows per request (a `StepCostTable`)."""
+    return {n: tokens_per_forward(acceptance, n) / cost(batch, 2 * n - 1) for n in range(1, max_stride + 1)}
+
+
+def best_of(rates: dict[int, float]) -> int:
+    """The N of the highest rate; ties (within float rounding) go to the smaller N."""
+    best = min(rates)
+    for n in sorted(rates):
+        if rates[n] > rates[best] * (1 + 1e-9):
+            best = n
+    return best
+
+
 def best_stride(acceptance: Sequence[float], cost: Callable[[int, int], float], batch: int, max_stride: int) -> int:
     """The N in 1..max_stride with the most expected tokens per second for a batch of ``batch`` requests (ties go
-    to the smaller N). cost(batch, rows): seconds of a step with ``rows`` rows per request (a `StepCostTable`)."""
-    best, best_rate = 1, 0.0
-    for n in range(1, max_stride + 1):
-        rate = tokens_per_forward(acceptance, n) / cost(batch, 2 * n - 1)
-        if rate > best_rate * (1 + 1e-9):
-            best, best_rate = n, rate
-    return best
+    to the smaller N)."""
+    return best_of(stride_rates(acceptance, cost, batch, max_stride))
 
 
 @dataclass
@@ -147,11 +158,11 @@ class AdaptiveStride:
         return self.cost(batch, rows) * self.cost_scale.get((rows + 1) // 2, 1.0)
 
     def choose(self, batch: int) -> int:
-        n = best_stride(self.acceptance, self.step_cost, batch, self.max_stride)
+        rates = stride_rates(self.acceptance, self.step_cost, batch, self.max_stride)
+        n = best_of(rates)
         self.steps += 1
         if self.explore_every and self.steps % self.explore_every == 0 and self.max_stride > 1:
-            rates = {m: tokens_per_forward(self.acceptance, m) / self.step_cost(batch, 2 * m - 1)
-                     for m in range(1, self.max_stride + 1) if m != n}
-            n = max(rates, key=rates.get)
+            del rates[n]
+            n = best_of(rates)  # the runner-up
         self.chosen[n] = self.chosen.get(n, 0) + 1
         return n

@@ -53,6 +53,20 @@ class BatchHints:
                    any_greedy=any(is_greedy(t, k) for t, k in zip(temperatures, top_ks)))
 
 
+def _scaled(logits: torch.Tensor, temperature: Param, top_k: Param) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """logits [B, ..., V] divided by each row's temperature (float32, or float64 for float64 logits; greedy rows are
+    left unscaled), top_k as [B, 1, ..., 1] with "off" (<= 0 or >= V) written as V, and the greedy rows' mask."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(dtype)
+    vocab = x.shape[-1]
+    temp = _param(temperature, x, dtype)
+    k = _param(top_k, x, torch.long)
+    greedy = is_greedy(temp, k)
+    x = x / torch.where(temp <= 0, torch.ones_like(temp), temp)
+    return x, torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k), greedy
+
+
 def candidate_probs(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,
                     hints: BatchHints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's sampling distribution over its candidate tokens, the filtered distribution in sparse form.
@@ -61,14 +75,8 @@ def candidate_probs(logits: torch.Tensor, temperature: Param, top_k: Param = 0, 
     Returns (ids [B, ..., W] long, most likely first; probs [B, ..., W], zero past the kept tokens, each row summing
     to 1), W = the widest top-k of the batch (V, sorted, when some row has none). The rule is `process_logits`'.
     """
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = logits.to(dtype)
-    vocab = x.shape[-1]
-    temp = _param(temperature, x, dtype)
-    k = _param(top_k, x, torch.long)
-    greedy = is_greedy(temp, k)
-    x = x / torch.where(temp <= 0, torch.ones_like(temp), temp)
-    k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
+    x, k, greedy = _scaled(logits, temperature, top_k)
+    vocab, dtype = x.shape[-1], x.dtype
     any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
     width = vocab
     if any_top_k:
@@ -118,9 +126,8 @@ def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, t
         k = _param(top_k, logits, torch.long)
         filtered = bool(((k > 0) & (k < vocab)).any()) or bool((_param(top_p, logits, dtype) < 1).any())
     if not filtered:  # temperature alone (and greedy rows): no candidates to pick, no sort
-        temp = _param(temperature, logits, dtype)
-        probs = torch.softmax(logits.to(dtype) / torch.where(temp <= 0, torch.ones_like(temp), temp), dim=-1)
-        greedy = is_greedy(temp, _param(top_k, logits, torch.long))
+        x, _, greedy = _scaled(logits, temperature, top_k)
+        probs = torch.softmax(x, dim=-1)
         if hints.any_greedy if hints is not None else bool(greedy.any()):
             onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(dtype)
             probs = torch.where(greedy, onehot, probs)

@@ -568,7 +568,7 @@ class ISDEngine:
             cache.commit([context] * b)
             row = []
             for n in strides:
-                width = _padded_width(2 * n - 1, b) if self.device.type == "cpu" and n > 1 else 2 * n - 1
+                width = self._step_width(2 * n - 1, b, n, context)
                 step_ids = torch.full((b, width), fill, dtype=torch.long, device=self.device)
                 step_pos = (context + torch.arange(width, device=self.device)).expand(b, width)
                 lora_rows = (torch.arange(width, device=self.device) >= n).expand(b, width) if n > 1 else None
@@ -609,17 +609,19 @@ class ISDEngine:
                              logits_to_keep=logits_to_keep)
         return out.logits
 
-    def _step_width(self, need: int, batch: int, stride: int) -> int:
+    def _step_width(self, need: int, batch: int, stride: int, context: int) -> int:
         """Rows per request of one ISD decode forward: ``need`` (the widest request's 1 + k + N - 1), padded on a CPU
         until batch x rows is a multiple of 8 where the context has room. CPU matmuls are slower for a row count off
         a multiple of 8 (a SmolLM2-135M forward on 2 cores took 109-131 ms at 7 rows and 91-120 ms at 8:
         scripts/dev/cpu_row_cost.py, docs/results/small_scale.md). The extra rows are MASK rows after every real one:
         causal attention keeps them out of the real rows' outputs, and the cache drops their KV with the other
-        unaccepted rows."""
+        unaccepted rows. context: the longest request's cached tokens."""
         if self.device.type != "cpu" or stride == 1:
             return need
-        width = _padded_width(need, batch)
-        return width if max(self._cache.lengths) + width <= self.max_context else need
+        width = need
+        while (batch * width) % 8:
+            width += 1
+        return width if context + width <= self.max_context else need
 
     def _params(self, reqs: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
@@ -731,7 +733,7 @@ class ISDEngine:
         drafts = torch.tensor([r.drafts for r in reqs], dtype=torch.long, device=dev).view(len(reqs), k_max)
         num_drafts = torch.tensor([r.num_drafts for r in reqs], device=dev)
         committed = torch.tensor(self._cache.lengths, device=dev)
-        width = self._step_width(n + max(r.num_drafts for r in reqs), len(reqs), n)
+        width = self._step_width(n + max(r.num_drafts for r in reqs), len(reqs), n, max(self._cache.lengths))
         step = build_step(pending, drafts, num_drafts, committed, n, self.mask_token_id, num_rows=width)
         logits = self._forward(self._cache, step.input_ids, step.position_ids, step.mask_rows if n > 1 else None)
         p_logits = gather_rows(logits, step.verify_rows)  # [B, N, V]
@@ -754,19 +756,17 @@ class ISDEngine:
             new_drafts = propose_drafts(q_probs, u[:, k_max + 1:], modes)
             new_q = q_probs
 
-        if self.stride_policy is not None and k_max:
-            position = torch.arange(1, n, device=dev)
-            attempted = (num_drafts[:, None] >= position) & (accepted[:, None] >= position - 1)
-            self.stride_policy.observe(attempted.sum(0).tolist(), (accepted[:, None] >= position).sum(0).tolist())
         self._cache.commit(rows_to_keep(accepted).tolist())
         tokens = step_tokens(drafts, accepted, nxt).tolist()
         acc_list, nxt_list = accepted.tolist(), nxt.tolist()
         next_k = next_num_drafts(num_drafts, accepted, n).tolist()
         new_drafts_list = new_drafts.tolist()
         keep = []
+        step_stats = ISDStats(self.stride)  # this step's counts over the batch, for the stride policy
         for i, req in enumerate(reqs):
             emitted = req.emit(tokens[i][:acc_list[i] + 1])
             req.stats.record_step(req.num_drafts, acc_list[i], emitted)
+            step_stats.record_step(req.num_drafts, acc_list[i], emitted)
             req.pending, req.num_drafts = nxt_list[i], next_k[i]
             req.drafts = new_drafts_list[i] if next_k[i] else [0] * k_max
             ratio_rule = req.verify_mode != "argmax"
@@ -777,16 +777,9 @@ class ISDEngine:
             self._cache.select(keep)
             self._running = [reqs[i] for i in keep]
         if self.stride_policy is not None:  # the whole step, synchronised by the .tolist() reads above
+            self.stride_policy.observe(step_stats.attempted[:k_max], step_stats.accepted[:k_max])
             self.stride_policy.observe_cost(len(reqs), n, time.perf_counter() - t0)
         return reqs
-
-
-def _padded_width(need: int, batch: int) -> int:
-    """The smallest width >= need with batch x width a multiple of 8 (see `ISDEngine._step_width`)."""
-    width = need
-    while (batch * width) % 8:
-        width += 1
-    return width
 
 
 def _fit_drafts(req: _Request, k_max: int) -> None:

@@ -296,8 +296,8 @@ def test_cpu_decode_pads_rows_to_a_multiple_of_eight_without_changing_outputs(mo
     padded = ISDEngine(model, None, stride, MASK, max_batch_size=1)
     step_width = padded._step_width
 
-    def spy(need, batch, n):
-        widths.append((batch, step_width(need, batch, n)))
+    def spy(need, batch, n, context):
+        widths.append((batch, step_width(need, batch, n, context)))
         return widths[-1][1]
     padded._step_width = spy
     for prompt, n, ref in zip(PROMPTS[:4], MAX_NEW[:4], greedy_refs[:4]):
@@ -306,7 +306,7 @@ def test_cpu_decode_pads_rows_to_a_multiple_of_eight_without_changing_outputs(mo
     assert widths and all(b * r % 8 == 0 for b, r in widths), widths
 
     plain = ISDEngine(model, None, stride, MASK, max_batch_size=1)
-    plain._step_width = lambda need, batch, n: need
+    plain._step_width = lambda need, batch, n, context: need
     sampled = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(4)]
     assert [o.token_ids for o in padded.generate(PROMPTS[:4], sampled)] == \
            [o.token_ids for o in plain.generate(PROMPTS[:4], sampled)]

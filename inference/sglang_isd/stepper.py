@@ -139,15 +139,15 @@ class ISDStateTable:
             hints = sampling.hints
             if mode == "argmax" and hints is not None and hints.max_top_k < logits.shape[-1]:
                 # every row has top-k (the paper's protocol): p over its candidates, no pass over V after the top-k
-                p_ids, p_sparse = candidate_probs(p_logits, temp, top_k, top_p, sampling.hints)
+                p_ids, p_sparse = candidate_probs(p_logits, temp, top_k, top_p, hints)
                 accepted, nxt = verify_point_drafts(p_ids, p_sparse, drafts, num_drafts, u[:, :k_max], u[:, k_max])
             else:
-                p_probs = process_logits(p_logits, temp, top_k, top_p, sampling.hints)
+                p_probs = process_logits(p_logits, temp, top_k, top_p, hints)
                 old_q = self.q_probs[slots] if self.q_probs is not None else None
                 accepted, nxt = verify_drafts(p_probs, old_q, drafts, num_drafts, u[:, :k_max], u[:, k_max], mode)
             if mode == "sample":
                 q_logits = gather_rows(logits, step.draft_rows)  # [B, N - 1, V]
-                new_q = process_logits(q_logits, temp, top_k, top_p, sampling.hints)
+                new_q = process_logits(q_logits, temp, top_k, top_p, hints)
                 new_drafts = propose_drafts(new_q, u[:, k_max + 1:], mode)
             else:
                 # argmax drafts need no q: the argmax of the processed q is the raw logits' (every filter keeps the

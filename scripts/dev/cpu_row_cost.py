@@ -62,7 +62,7 @@ def main() -> None:
     for padded in (False, True, False, True):
         engine = ISDEngine(gated, tok, stride=meta.stride, mask_token_id=meta.mask_token_id, max_batch_size=1)
         if not padded:
-            engine._step_width = lambda need, batch, n: need
+            engine._step_width = lambda need, batch, n, context: need
         engine.generate(ids, params)  # warm-up
         t0 = time.perf_counter()
         out = engine.generate(ids, params)[0]
