@@ -185,7 +185,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 def _cmd_tables(args: argparse.Namespace) -> int:
     from .tables import write_tables
 
-    res = write_tables(args.results, args.output)
+    res = write_tables(args.results, args.output, diff=args.diff)
     for p in res["written"]:
         print(p)
     if args.print:
@@ -204,4 +204,7 @@ def add_tables(sub: argparse._SubParsersAction) -> None:
     p.add_argument("results", nargs="+", help="result directories or files (eval outputs, throughput JSON)")
     p.add_argument("--output", default="tables", help="directory to write (default ./tables)")
     p.add_argument("--print", action="store_true", help="also print the markdown tables")
+    p.add_argument("--diff", action="store_true",
+                   help="add each later run's difference from the first run, with its 95%% interval (e.g. a "
+                        "conversion against its base: give the base first)")
     p.set_defaults(func=_cmd_tables)

@@ -134,8 +134,32 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def quality_table(runs: list[dict], paper_models: tuple[str, ...] = TABLE_MODELS) -> tuple[str, list[dict]]:
-    """Markdown: one row per benchmark (the paper's order, then others), one column per run, then the paper's."""
+def score_difference(ref: dict, other: dict, z: float = 1.96) -> tuple[float, float, float] | None:
+    """(other - ref, low, high): the difference of two benchmark summaries' scores and its 95% interval, in points;
+    None without the counts.
+
+    Scores are percentages of items (of samples averaged per item, for avg@k). The interval is Agresti and Caffo's
+    (one success and one failure added to each side, then the normal approximation), which keeps its coverage at
+    scores near 0 or 100 where the plain one collapses to a point. n is the item count: an avg@k item's mean lies in
+    [0, 1] with variance at most p (1 - p), so for avg@k the interval is conservative."""
+    try:
+        p1, p2 = float(ref["score"]) / 100, float(other["score"]) / 100
+        n1, n2 = int(ref["n_items"]), int(other["n_items"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if n1 <= 0 or n2 <= 0 or not (0 <= p1 <= 1 and 0 <= p2 <= 1):
+        return None
+    a1, a2 = (p1 * n1 + 1) / (n1 + 2), (p2 * n2 + 1) / (n2 + 2)
+    half = z * math.sqrt(a1 * (1 - a1) / (n1 + 2) + a2 * (1 - a2) / (n2 + 2))
+    return 100 * (p2 - p1), 100 * (a2 - a1 - half), 100 * (a2 - a1 + half)
+
+
+def quality_table(runs: list[dict], paper_models: tuple[str, ...] = TABLE_MODELS, diff: bool = False
+                  ) -> tuple[str, list[dict]]:
+    """Markdown: one row per benchmark (the paper's order, then others), one column per run, then the paper's.
+
+    diff: after the runs, a column per later run with its difference from the first run and the 95% interval of
+    that difference (`score_difference`): an interval that holds 0 is no evidence of a change."""
     order = list(SUITES["paper15"])
     extra = sorted({b for r in runs for b in r["benchmarks"] if b not in order})
     rows, data = [], []
@@ -175,6 +199,14 @@ def quality_table(runs: list[dict], paper_models: tuple[str, ...] = TABLE_MODELS
                 flags.append(f"avg@{s['samples_per_item']}")
             cells.append(txt + (f" ({', '.join(flags)})" if flags else ""))
             rec["runs"][r["label"]] = s.get("score")
+        if diff:
+            ref = runs[0]["benchmarks"].get(name) if runs else None
+            rec["diff"] = {}
+            for r in runs[1:]:
+                s = r["benchmarks"].get(name)
+                d = score_difference(ref, s) if ref and s and not (ref.get("skipped") or s.get("skipped")) else None
+                cells.append("-" if d is None else f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]")
+                rec["diff"][r["label"]] = None if d is None else {"difference": d[0], "ci95": [d[1], d[2]]}
         for m in paper_models:
             v = QUALITY.get(name, {}).get(m)
             cells.append(_fmt(v))
@@ -188,12 +220,15 @@ def quality_table(runs: list[dict], paper_models: tuple[str, ...] = TABLE_MODELS
     for r in runs:
         vals = [d["runs"][r["label"]] for d in complete]
         avg_cells.append(_fmt(sum(vals) / len(vals)) if vals else "-")
+    if diff:
+        avg_cells += ["-"] * (len(runs) - 1)
     for m in paper_models:
         vals = [d["paper"][m] for d in complete]
         avg_cells.append(_fmt(sum(vals) / len(vals)) if vals else "-")
     if complete:
         rows.append(avg_cells)
-    header = ["Benchmark"] + [r["label"] for r in runs] + [f"{m} (paper)" for m in paper_models]
+    deltas = [f"{r['label']} - {runs[0]['label']} (95%)" for r in runs[1:]] if diff else []
+    header = ["Benchmark"] + [r["label"] for r in runs] + deltas + [f"{m} (paper)" for m in paper_models]
     text = _md_table(header, rows)
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in sorted(notes))
@@ -289,7 +324,14 @@ def throughput_plots(entries: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def write_tables(paths: list[str], output: str | Path = "tables") -> dict:
+def _thinking(runs: list[dict]) -> str:
+    """How the runs were sampled, from their summaries: thinking mode on, off, or mixed."""
+    modes = {(b.get("sampling") or {}).get("thinking") for r in runs for b in r["benchmarks"].values()} - {None}
+    return {frozenset({True}): "thinking mode", frozenset({False}): "thinking off (--no-thinking)"}.get(
+        frozenset(modes), "thinking mode" if not modes else "thinking on in some runs, off in others")
+
+
+def write_tables(paths: list[str], output: str | Path = "tables", diff: bool = False) -> dict:
     runs, tput = load_results(paths)
     if not runs and not tput:
         raise UserError("found no eval summaries or throughput results under " + ", ".join(map(str, paths)))
@@ -298,8 +340,8 @@ def write_tables(paths: list[str], output: str | Path = "tables") -> dict:
     written: list[Path] = []
     result: dict = {"quality": [], "throughput": []}
     if runs:
-        text, data = quality_table(runs)
-        header = "# Quality (accuracy %, thinking mode)\n\nRuns: " + ", ".join(
+        text, data = quality_table(runs, diff=diff)
+        header = f"# Quality (accuracy %, {_thinking(runs)})\n\nRuns: " + ", ".join(
             f"`{r['label']}` ({r['dir']})" for r in runs) + "\n\n"
         (out / "quality.md").write_text(header + text + "\n", encoding="utf-8")
         written.append(out / "quality.md")

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from idlm.cli import main
-from idlm.eval.tables import load_results, quality_table, throughput_entries, throughput_table, write_tables
+from idlm.eval.tables import (
+    load_results,
+    quality_table,
+    score_difference,
+    throughput_entries,
+    throughput_table,
+    write_tables,
+)
 
 
 def eval_dir(root: Path, model: str, scores: dict, **extra) -> Path:
@@ -89,3 +96,41 @@ def test_truncated_answers_are_flagged_in_the_table(tmp_path):
     assert "| GSM8K | 91.2 (3 trunc) | 95.0 | 96.0 |" in text
     assert "| MATH-500 | 80.0 | 96.8 | 95.8 |" in text
     assert "trunc: answers cut off at max_tokens" in text
+
+
+def test_score_difference_is_agresti_caffo():
+    # 90/541 against 64/541 (IFEval prompt-level, a base and its conversion): by hand, a1 = 91/543, a2 = 65/543
+    ref = {"score": 100 * 90 / 541, "n_items": 541}
+    other = {"score": 100 * 64 / 541, "n_items": 541}
+    diff, lo, hi = score_difference(ref, other)
+    a1, a2 = 91 / 543, 65 / 543
+    half = 1.96 * ((a1 * (1 - a1) + a2 * (1 - a2)) / 543) ** 0.5
+    assert diff == pytest.approx(100 * (64 - 90) / 541)
+    assert (lo, hi) == (pytest.approx(100 * (a2 - a1 - half)), pytest.approx(100 * (a2 - a1 + half)))
+    assert hi < 0  # this drop is outside the noise
+    # two zero scores: the plain normal interval would be the point 0; this one is not
+    zero = {"score": 0.0, "n_items": 30}
+    d0, lo0, hi0 = score_difference(zero, zero)
+    assert d0 == 0 and lo0 < -5 and hi0 > 5 and lo0 == pytest.approx(-hi0)
+    assert score_difference({"score": 50.0}, other) is None  # no item count
+    assert score_difference({"score": 50.0, "n_items": 0}, other) is None
+
+
+def test_tables_diff_column(tmp_path, capsys):
+    base = eval_dir(tmp_path, "base", {"gsm8k": 50.0, "ifeval": 20.0}, sampling={"thinking": False})
+    conv = eval_dir(tmp_path, "conv", {"gsm8k": 40.0}, sampling={"thinking": False})
+    assert main(["tables", str(base), str(conv), "--diff", "--output", str(tmp_path / "t"), "--print"]) == 0
+    out = capsys.readouterr().out
+    assert "thinking off" in out
+    header = next(line for line in out.splitlines() if line.startswith("| Benchmark"))
+    assert header == "| Benchmark | base | conv | conv - base (95%) | I-DLM-8B (paper) | Qwen3-8B (paper) |"
+    gsm = next(line for line in out.splitlines() if line.startswith("| GSM8K"))
+    lo, hi = score_difference({"score": 50.0, "n_items": 10}, {"score": 40.0, "n_items": 10})[1:]
+    assert gsm == f"| GSM8K | 50.0 | 40.0 | -10.0 [{lo:+.1f}, {hi:+.1f}] | 95.0 | 96.0 |"
+    ifeval = next(line for line in out.splitlines() if line.startswith("| IFEval"))
+    assert ifeval == "| IFEval | 20.0 | - | - | 84.7 | 84.7 |"  # no second score, no difference
+    data = json.loads((tmp_path / "t" / "tables.json").read_text())["quality"]
+    assert data[0]["diff"]["conv"]["difference"] == pytest.approx(-10.0)
+    # without --diff the table is as before
+    assert main(["tables", str(base), str(conv), "--output", str(tmp_path / "u"), "--print"]) == 0
+    assert " - base (95%)" not in capsys.readouterr().out
