@@ -16,7 +16,8 @@
    (`--plot OUT/sweep.json [MORE.json ...]` draws it again, several sweeps in one plot, e.g. on a machine with
    matplotlib when the GPU image has none).
 
-``--set`` overrides are added to every `idlm train` call (e.g. base.gguf=PATH). Each step skips what is done.
+The sweep file's own `set:` (a list of KEY=VALUE, e.g. the data's sampling settings) and then ``--set`` overrides
+are added to every `idlm train` call (e.g. base.gguf=PATH); the command line wins. Each step skips what is done.
 ``--serve-pythonpath`` gives the `idlm serve` processes their own PYTHONPATH (an SGLang install whose pins differ
 from the training stack's).
 """
@@ -350,7 +351,12 @@ def main() -> int:
     recipe = str((ROOT / sweep["recipe"]).resolve())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"work_dir={out / 'work'}", *args.common]
+    # the sweep's own overrides of the recipe (e.g. the data's sampling settings), for every phase of every run;
+    # the command line's --set comes after them and wins
+    sweep_set = sweep.get("set") or []
+    if not isinstance(sweep_set, list) or not all(isinstance(x, str) and "=" in x for x in sweep_set):
+        raise SystemExit(f"{args.sweep}: `set` must be a list of KEY=VALUE strings, got {sweep_set!r}")
+    common = [f"work_dir={out / 'work'}", *sweep_set, *args.common]
     runs = {k: v for k, v in sweep["runs"].items() if not args.only or k in args.only.split(",")}
     st = None if args.skip_serve or "serve" not in sweep else \
         ServeSettings.from_sweep(sweep["serve"], args.serve_pythonpath)

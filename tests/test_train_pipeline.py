@@ -145,7 +145,7 @@ def test_sweep_driver_serves_each_run_as_it_trains(files, tmp_path):
     with the adapter run's gated LoRA; `idlm eval` scores both through the shipped commands."""
     pytest.importorskip("uvicorn")
     recipe = _recipe(files, tmp_path / "unused", "idlm")
-    sweep = {"recipe": str(recipe),
+    sweep = {"recipe": str(recipe), "set": ["generate.temperature=0.7"],  # the sweep's own data settings
              "runs": {"conv": ["adapter=null", "evaluate.strides=[2]"], "lora": ["stages=[]"]},
              "serve": {"when": "each", "engine": "native", "stride": 2, "adapter_run": "lora",
                        "benchmarks": {"gsm8k": 2}, "concurrency": 2, "max_tokens": 8,
@@ -159,6 +159,7 @@ def test_sweep_driver_serves_each_run_as_it_trains(files, tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     res = json.loads((out / "sweep.json").read_text())
     assert res["exit_codes"] == {"conv": 0, "lora": 0} and res["chosen"] == "conv"
+    assert json.loads((out / "work" / "data" / "train.json").read_text())["sampling"]["temperature"] == 0.7
     assert "converted" in res["runs"]["conv"] and "adapter" not in res["runs"]["conv"]
     assert "adapter" in res["runs"]["lora"] and "converted" not in res["runs"]["lora"]
     for name in ("conv", "base+adapter"):
@@ -168,3 +169,31 @@ def test_sweep_driver_serves_each_run_as_it_trains(files, tmp_path):
     log = (out / "conv.log").read_text()
     assert "evaluate:" in log  # the hooks ran as their own `idlm train --phases evaluate`
     assert "conv: training exit 0" in r.stdout and "conv: evaluation exit 0" in r.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/train").glob("*sweep*.yaml")), ids=lambda p: p.stem)
+def test_committed_sweep_files_are_well_formed(path):
+    """Each committed sweep file names a recipe that is there, runs as lists of KEY=VALUE overrides that apply to
+    it, a `set:` list of the same form, and a serve section the driver accepts (a GPU session must not find out
+    on the machine)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import small_scale
+    finally:
+        sys.path.pop(0)
+    from idlm.training.recipe import apply_overrides, load_recipe
+
+    sweep = yaml.safe_load(path.read_text())
+    recipe = REPO / sweep["recipe"]
+    assert recipe.is_file(), recipe
+    sweep_set = sweep.get("set") or []
+    runs = sweep["runs"]
+    assert runs and all(isinstance(v, list) for v in runs.values())
+    for name, overrides in {"": sweep_set, **runs}.items():
+        assert all(isinstance(x, str) and "=" in x for x in overrides), (name, overrides)
+        merged = apply_overrides(load_recipe(recipe), [*sweep_set, *overrides])
+        assert merged["base"], name
+    if "serve" in sweep:
+        st = small_scale.ServeSettings.from_sweep(sweep["serve"], None)
+        assert st.adapter_run is None or st.adapter_run in runs
+    assert set(sweep["targets"]) == {"kl_per_token", "nll_ratio"}
