@@ -137,6 +137,16 @@ def _gsm8k_accuracy(tok, rows: list[dict[str, str]], outs: list) -> float:
     return sum(gsm8k_equal(gsm8k_gold(r["answer"]), gsm8k_extract(t)) for r, t in zip(rows, texts)) / len(rows)
 
 
+def _sampled_tpf(engine: ISDEngine, prompts: list[list[int]], sec: dict[str, Any], stop, n: int
+                 ) -> tuple[str, dict[str, Any]]:
+    """ISD statistics of sampled decoding at the hooks' temperature (one seed per prompt), keyed as
+    ``gsm8k_t{T}_n{N}``. Sampled output has no single reference, so there is no equality count."""
+    sampled = [SamplingParams(max_new_tokens=sec["max_new_tokens"], temperature=sec["temperature"],
+                              stop_token_ids=stop, seed=i) for i in range(len(prompts))]
+    outs, dt = decode(engine, prompts, sampled)
+    return f"gsm8k_t{sec['temperature']:g}_n{n}", decode_summary(outs, dt, n)
+
+
 def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
     """Run the hooks on a finished plan: the base (WORK/base, else the first stage's model), the last curriculum
     stage and, if the plan has one, the gated-LoRA adapter stage."""
@@ -185,11 +195,8 @@ def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
                 result["converted"]["isd"][f"{name}_greedy_n{n}"] = s
                 _log(f"ISD {name} greedy N={n}: TPF {s['tpf']:.2f}, == AR {s['equal_to_ar']}/{len(ids)}")
         n = max(sec["strides"])
-        sampled = [SamplingParams(max_new_tokens=sec["max_new_tokens"], temperature=sec["temperature"],
-                                  stop_token_ids=stop, seed=i) for i in range(len(gsm))]
-        outs, dt = decode(ISDEngine(model, tok, n, cfg.mask_token_id, max_batch_size=bs), gsm, sampled)
-        s = decode_summary(outs, dt, n)
-        result["converted"]["isd"][f"gsm8k_t{sec['temperature']:g}_n{n}"] = s
+        key, s = _sampled_tpf(ISDEngine(model, tok, n, cfg.mask_token_id, max_batch_size=bs), gsm, sec, stop, n)
+        result["converted"]["isd"][key] = s
         _log(f"ISD gsm8k T={sec['temperature']:g} N={n}: TPF {s['tpf']:.2f}")
         del model
 
@@ -202,5 +209,9 @@ def evaluate_plan(plan, sec: dict[str, Any]) -> dict[str, Any]:
             s = decode_summary(outs, dt, meta.stride, base_ar[name][0])
             result["adapter"]["isd"][f"{name}_greedy_n{meta.stride}"] = s
             _log(f"R-ISD {name} greedy N={meta.stride}: TPF {s['tpf']:.2f}, == base AR {s['equal_to_ar']}/{len(ids)}")
+        key, s = _sampled_tpf(ISDEngine(gated, tok, meta.stride, meta.mask_token_id, max_batch_size=bs), gsm, sec,
+                              stop, meta.stride)
+        result["adapter"]["isd"][key] = s
+        _log(f"R-ISD gsm8k T={sec['temperature']:g} N={meta.stride}: TPF {s['tpf']:.2f}")
     result["base_ar"] = {name: decode_summary(o, dt, 1) for name, (o, dt) in base_ar.items()}
     return result
