@@ -65,6 +65,7 @@ class BenchConfig:
     timeout: float = 600.0
     output: str = "throughput.json"
     plot: bool = True
+    stop_at_eos: bool = False  # False: every request generates exactly output_len tokens (ignore_eos)
 
 
 @dataclass
@@ -127,7 +128,8 @@ def make_prompts(cfg: BenchConfig, count: int) -> list[_Prompt]:
 # ---------------------------------------------------------------------------------------------- streaming
 def _openai_body(cfg: BenchConfig, p: _Prompt) -> dict:
     body: dict[str, Any] = {"prompt": p.ids if p.ids is not None else p.text, "max_tokens": p.output_len,
-                            "temperature": cfg.temperature, "top_p": cfg.top_p, "stream": True, "ignore_eos": True,
+                            "temperature": cfg.temperature, "top_p": cfg.top_p, "stream": True,
+                            "ignore_eos": not cfg.stop_at_eos,
                             "stream_options": {"include_usage": True}}
     if cfg.top_k != -1:
         body["top_k"] = cfg.top_k  # an extension of both `idlm serve` and SGLang
@@ -138,7 +140,8 @@ def _openai_body(cfg: BenchConfig, p: _Prompt) -> dict:
 
 def _sglang_body(cfg: BenchConfig, p: _Prompt) -> dict:
     body: dict[str, Any] = {"sampling_params": {"max_new_tokens": p.output_len, "temperature": cfg.temperature,
-                                                "top_p": cfg.top_p, "top_k": cfg.top_k, "ignore_eos": True},
+                                                "top_p": cfg.top_p, "top_k": cfg.top_k,
+                                                "ignore_eos": not cfg.stop_at_eos},
                             "stream": True}
     if p.ids is not None:
         body["input_ids"] = p.ids
@@ -297,6 +300,7 @@ async def run_bench(cfg: BenchConfig) -> dict:
     return {"format": FORMAT, "engine": engine, "algorithm": algorithm, "stride": stride, "model": model,
             "dataset": Path(cfg.dataset).name if cfg.dataset else f"random-{cfg.input_len}in",
             "input_len": None if cfg.dataset else cfg.input_len, "max_tokens": cfg.output_len, "api": cfg.api,
+            "stop_at_eos": cfg.stop_at_eos,
             "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k},
             "base_url": base, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}
 
@@ -363,6 +367,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="throughput.json",
                    help="JSON path, or a directory for throughput.json (the plot goes beside it as .png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="let requests end at the model's end of turn (default: ignore_eos, exactly --output-len "
+                        "tokens each; real prompts on real weights want this, random ids do not)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -381,7 +388,7 @@ def run_cli(args: argparse.Namespace) -> int:
                       model=args.model, engine=args.engine, algorithm=args.algorithm, stride=args.stride,
                       token_range=(lo, hi), temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       seed=args.seed, timeout=args.timeout, output=args.output,
-                      plot=not args.no_plot)
+                      plot=not args.no_plot, stop_at_eos=args.stop_at_eos)
     result = asyncio.run(run_bench(cfg))
     out = Path(cfg.output)
     if out.is_dir() or out.suffix != ".json":  # a directory: the JSON goes inside it

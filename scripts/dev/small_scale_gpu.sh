@@ -16,6 +16,10 @@
 #                      deepspeed, ...): install them into /tmp/ss/site, then each wheel of /tmp/ss/extra whose
 #                      distribution the image does not have (pyarrow, pandas, scipy, ...); install the project, join
 #                      and check the GGUF, start the sweep (ARGS go to scripts/small_scale.py)
+#   table RUN [ARGS]   after a sweep: the real-weight serving table (scripts/dev/serving_table.py), detached, alone
+#                      on the GPU: the base (out/work/base) under SGLang AR and NGRAM, RUN's last curriculum stage
+#                      under ISD and, where the sweep trained one, the base with its latest adapter under R-ISD;
+#                      `wait` follows it as it follows a sweep and returns out/table/ (table.md, JSON, logs)
 #   wait SECS DEST     wait until the sweep process ends or SECS pass; print its progress; copy the results into DEST
 #                      (every minute too, so a command cut short still returns what is done): sweep.json,
 #                      frontier.png, results.tgz (eval.json of each run, logs, idlm eval summaries), adapter.tar,
@@ -30,6 +34,7 @@ export PYTHONPATH=$S/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VE
 progress() {
   tail -c 300 $S/out/prepare.log 2>/dev/null | tr '\r' '\n' | tail -2
   grep -a "small_scale \|Traceback\|error:" $S/log 2>/dev/null | tail -40
+  grep -a "serving_table\|Traceback\|error:\|^|" $S/table.log 2>/dev/null | tail -40
   for f in $S/out/*.log; do
     [ -f "$f" ] || continue
     echo "== $(basename "$f"): $(grep -a '\[idlm train\]\|evaluate:' "$f" | tail -2 | tr '\n' ' ' | cut -c1-400)"
@@ -48,8 +53,10 @@ collect() {  # at most a few files (a device call returns at most 8): sweep.json
     [ -f "$d/train_log.jsonl" ] && cp "$d/train_log.jsonl" "$tmp/logs/train_log_$n.jsonl"
   done
   cp $S/log "$tmp/logs/sweep.log" 2>/dev/null
+  cp $S/table.log "$tmp/logs/table.log" 2>/dev/null
   cp $S/out/work/data/train.json "$tmp/generate_report.json" 2>/dev/null
   (cd $S/out && cp --parents eval-*/summary.json eval-*/run.json serve-*.log eval-*.log *.log $tmp/logs/ 2>/dev/null)
+  (cd $S/out && cp --parents table/*.json table/*.md table/*.log $tmp/ 2>/dev/null)
   tar -C $tmp -czf "$dest/results.tgz" .
   local adapter
   adapter=$(ls -d $S/out/*/adapter*-n* 2>/dev/null | tail -1)
@@ -115,6 +122,16 @@ case "${1:-}" in
       > $S/log 2>&1 < /dev/null &
     echo $! > $S/pid
     sleep 20; progress ;;
+  table)
+    run=$S/out/${2:?usage: $0 table RUN [SERVING_TABLE_ARGS]}; shift 2
+    conv=$(ls -d "$run"/stage*-n* 2>/dev/null | sort | tail -1)
+    [ -n "$conv" ] || { echo "no curriculum stage under $run"; exit 1; }
+    adapter=$(ls -d $S/out/*/adapter*-n* 2>/dev/null | tail -1)
+    setsid nohup python3 scripts/dev/serving_table.py --base $S/out/work/base --converted "$conv" \
+      ${adapter:+--adapter "$adapter"} --out $S/out/table --serve-pythonpath "$S/sglang:$PWD" "$@" \
+      > $S/table.log 2>&1 < /dev/null &
+    echo $! > $S/pid
+    sleep 20; tail -5 $S/table.log ;;
   wait)
     end=$(( $(date +%s) + $2 ))
     while [ "$(date +%s)" -lt $end ]; do
@@ -124,5 +141,6 @@ case "${1:-}" in
       ticks=$(( ${ticks:-0} + 1 )); [ $(( ticks % 6 )) -eq 0 ] && collect "$3" 2>/dev/null
     done
     progress; collect "$3" ;;
-  *) echo "usage: $0 stash DIR... | split-bundle FILE DIR1 DIR2 | launch WHEEL_DIR [SWEEP_ARGS] | wait SECS DEST" >&2; exit 2 ;;
+  *) echo "usage: $0 stash DIR... | split-bundle FILE DIR1 DIR2 | launch WHEEL_DIR [SWEEP_ARGS] | table RUN [ARGS] |" \
+          "wait SECS DEST" >&2; exit 2 ;;
 esac
