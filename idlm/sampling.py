@@ -67,6 +67,56 @@ def _scaled(logits: torch.Tensor, temperature: Param, top_k: Param) -> tuple[tor
     return x, torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k), greedy
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Each row's candidate tokens before the top-k / top-p cut (`candidates`): what the passes over V produce.
+
+    ids [B, ..., W] long, most likely first (a greedy row's first is the raw logits' argmax); scaled [B, ..., W] their
+    logits / temperature; lse [B, ..., 1] the log-sum-exp of a row's scaled logits over all of V; keep_k [B, 1, ...]
+    how many of the first stay by top-k (1 for greedy rows). W = the widest top-k of the batch (V when some row has
+    none)."""
+
+    ids: torch.Tensor
+    scaled: torch.Tensor
+    lse: torch.Tensor
+    keep_k: torch.Tensor
+
+
+def candidates(logits: torch.Tensor, temperature: Param, top_k: Param = 0, hints: BatchHints | None = None
+               ) -> Candidates:
+    """The passes over the vocabulary of the sampling rule: temperature, one ``topk`` of width max k (a sort when
+    some row has no top-k) and the log-sum-exp. logits [B, ..., V]; temperature, top_k [B] or scalars."""
+    x, k, greedy = _scaled(logits, temperature, top_k)
+    vocab = x.shape[-1]
+    any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
+    width = vocab
+    if any_top_k:
+        width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
+    top, ids = torch.topk(x, width, dim=-1) if width < vocab else x.sort(dim=-1, descending=True)
+    if hints.any_greedy if hints is not None else bool(greedy.any()):
+        # AR's argmax: ties go to the lowest id (topk's order among ties is unspecified)
+        first = torch.where(greedy.squeeze(-1), logits.argmax(-1), ids[..., 0])
+        ids = torch.cat([first.unsqueeze(-1), ids[..., 1:]], dim=-1)
+    return Candidates(ids=ids, scaled=top, lse=torch.logsumexp(x, dim=-1, keepdim=True),
+                      keep_k=torch.where(greedy, torch.ones_like(k), k))
+
+
+def filtered_probs(c: Candidates, top_p: Param = 1.0, hints: BatchHints | None = None) -> torch.Tensor:
+    """The top-k / top-p cut of `candidates`, renormalised: probs [B, ..., W], zero past the kept tokens.
+
+    A token stays when it is among the first ``keep_k`` and the mass of the tokens before it, in the full
+    distribution softmax(logits / T), is at most ``top_p`` (the first always stays)."""
+    probs = torch.exp(c.scaled - c.lse)  # the full distribution's, not renormalised
+    width = probs.shape[-1]
+    keep = torch.arange(width, device=probs.device) < c.keep_k
+    p = _param(top_p, probs, probs.dtype)
+    if hints.any_top_p if hints is not None else bool((p < 1).any()):
+        mass_before = probs.cumsum(-1) - probs
+        keep = keep & ((mass_before <= p) | (p >= 1))  # a prefix; the first token always stays
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
 def candidate_probs(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,
                     hints: BatchHints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's sampling distribution over its candidate tokens, the filtered distribution in sparse form.
@@ -75,26 +125,8 @@ def candidate_probs(logits: torch.Tensor, temperature: Param, top_k: Param = 0, 
     Returns (ids [B, ..., W] long, most likely first; probs [B, ..., W], zero past the kept tokens, each row summing
     to 1), W = the widest top-k of the batch (V, sorted, when some row has none). The rule is `process_logits`'.
     """
-    x, k, greedy = _scaled(logits, temperature, top_k)
-    vocab, dtype = x.shape[-1], x.dtype
-    any_top_k = hints.any_top_k if hints is not None else bool((k < vocab).any())
-    width = vocab
-    if any_top_k:
-        width = min(hints.max_top_k, vocab) if hints is not None else int(k.max())
-    top, ids = torch.topk(x, width, dim=-1) if width < vocab else x.sort(dim=-1, descending=True)
-    probs = torch.exp(top - torch.logsumexp(x, dim=-1, keepdim=True))  # the full distribution's, not renormalised
-    keep = torch.arange(width, device=x.device) < torch.where(greedy, torch.ones_like(k), k)
-    p = _param(top_p, x, dtype)
-    if hints.any_top_p if hints is not None else bool((p < 1).any()):
-        mass_before = probs.cumsum(-1) - probs
-        keep = keep & ((mass_before <= p) | (p >= 1))  # a prefix; the first token always stays
-    probs = probs * keep
-    probs = probs / probs.sum(-1, keepdim=True)
-    if hints.any_greedy if hints is not None else bool(greedy.any()):
-        # AR's argmax: ties go to the lowest id (topk's order among ties is unspecified)
-        first = torch.where(greedy.squeeze(-1), logits.argmax(-1), ids[..., 0])
-        ids = torch.cat([first.unsqueeze(-1), ids[..., 1:]], dim=-1)
-    return ids, probs
+    c = candidates(logits, temperature, top_k, hints)
+    return c.ids, filtered_probs(c, top_p, hints)
 
 
 def process_logits(logits: torch.Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0,

@@ -80,7 +80,8 @@ def g_test(expected: dict[tuple[int, ...], float], samples: list[tuple[int, ...]
 
 
 def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, tokens: int = 3, vocab: int = 9,
-                           temperature: float = 1.0, top_k: int = 6, top_p: float = 0.95, seed: int = 0):
+                           temperature: float = 1.0, top_k: int = 6, top_p: float = 0.95, seed: int = 0,
+                           fused_verify: bool = False):
     """The SGLang ISD stepper (`ISDStateTable`) driving ``n`` copies of one request on a bigram model (the logits
     of a row depend on its input token and position only: the KV cache is implicit), at the paper's kind of
     sampling (temperature with top-k and top-p both set). Returns (the first ``tokens`` tokens after the prefill's
@@ -110,7 +111,7 @@ def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, toke
                                                                                                device=device)))[0, 0]
     # condition on one first token (SGLang's sampler draws it): every request then shares the prompt's cache
     first = int(first_p.argmax())
-    cfg = ISDServeConfig(stride=stride, draft_mode=mode, seed=seed)
+    cfg = ISDServeConfig(stride=stride, draft_mode=mode, seed=seed, fused_verify=fused_verify)
     state = ISDStateTable(n, cfg, mask, device, vocab_size=vocab)
     slots = torch.arange(n, device=device)
     state.on_prefill(slots, torch.full((n,), first, device=device))

@@ -52,12 +52,16 @@ class ISDServeConfig:
     seed: seeds the worker's GPU generator for acceptance and sampling uniforms.
     lora: R-ISD: a gated-LoRA adapter directory (`idlm.lora`) applied to the MASK rows of the served base
         model only (`gated_lora.py`); its ``idlm_adapter.json`` gives the MASK id. None: the model is an I-DLM.
+    fused_verify: sampled steps with argmax drafts and top-k on every request (the paper's protocol) verify in one
+        Triton kernel (`verify_sampling.py`) instead of some thirty PyTorch launches; same rule, same output for
+        the same uniforms. Off by default until it has been timed on a GPU.
     """
 
     stride: int
     draft_mode: str = DEFAULT_DRAFT_MODE["sglang"]
     seed: int = 0
     lora: str | None = None
+    fused_verify: bool = False
 
     def __post_init__(self) -> None:
         check_stride(self.stride)
@@ -264,6 +268,7 @@ def build_launch_command(
     draft_mode: str = DEFAULT_DRAFT_MODE["sglang"],
     extra: list[str] | None = None,
     lora: str | None = None,
+    fused_verify: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) that start SGLang with ISD on ``model`` (R-ISD on a base model with ``lora``, a
     gated-LoRA adapter directory).
@@ -276,7 +281,8 @@ def build_launch_command(
         from idlm.lora import GatedLoRAConfig  # torch and transformers: only for R-ISD launches
 
         meta = GatedLoRAConfig.load(lora)
-        cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()))
+        cfg = ISDServeConfig(stride=stride or meta.stride, draft_mode=draft_mode, lora=str(Path(lora).resolve()),
+                             fused_verify=fused_verify)
     else:
         ckpt = local_idlm_config(model)
         if ckpt is None and Path(model).is_dir():
@@ -286,7 +292,7 @@ def build_launch_command(
             if ckpt is None:
                 raise UserError(f"{model} is not a local I-DLM checkpoint, so its stride is unknown: pass --stride N")
             stride = ckpt.stride
-        cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode)
+        cfg = ISDServeConfig(stride=stride, draft_mode=draft_mode, fused_verify=fused_verify)
     argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
             *LAUNCH_FLAGS]

@@ -37,7 +37,7 @@ from idlm.isd import (
     verify_point_drafts,
 )
 from idlm.requests import is_greedy
-from idlm.sampling import BatchHints, candidate_probs, process_logits
+from idlm.sampling import BatchHints, candidates, filtered_probs, process_logits
 
 from .config import ISDServeConfig
 
@@ -139,8 +139,14 @@ class ISDStateTable:
             hints = sampling.hints
             if mode == "argmax" and hints is not None and hints.max_top_k < logits.shape[-1]:
                 # every row has top-k (the paper's protocol): p over its candidates, no pass over V after the top-k
-                p_ids, p_sparse = candidate_probs(p_logits, temp, top_k, top_p, hints)
-                accepted, nxt = verify_point_drafts(p_ids, p_sparse, drafts, num_drafts, u[:, :k_max], u[:, k_max])
+                c = candidates(p_logits, temp, top_k, hints)
+                if self.cfg.fused_verify and c.scaled.is_cuda:  # the rest in one kernel launch (same rule)
+                    from .verify_sampling import fused_verify
+
+                    accepted, nxt = fused_verify(c, top_p, drafts, num_drafts, u[:, :k_max], u[:, k_max])
+                else:
+                    accepted, nxt = verify_point_drafts(c.ids, filtered_probs(c, top_p, hints), drafts, num_drafts,
+                                                        u[:, :k_max], u[:, k_max])
             else:
                 p_probs = process_logits(p_logits, temp, top_k, top_p, hints)
                 old_q = self.q_probs[slots] if self.q_probs is not None else None

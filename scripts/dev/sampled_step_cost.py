@@ -22,7 +22,7 @@ import torch
 from idlm.inference.sglang_isd.config import ISDServeConfig
 from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
 from idlm.isd import verify_drafts, verify_point_drafts
-from idlm.sampling import BatchHints, candidate_probs, process_logits
+from idlm.sampling import BatchHints, candidate_probs, candidates, process_logits
 
 VOCAB = 151936
 PAPER = {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
@@ -110,15 +110,24 @@ def main() -> None:
         ids4, sparse4 = candidate_probs(four, t, k, p, hints)
         m["verify_point_drafts (argmax rule, sparse p)"] = timed(
             lambda: verify_point_drafts(ids4, sparse4, drafts, full, u[:, :-1], u[:, -1]), args.reps)
-        for mode in ("argmax", "sample"):
-            state = ISDStateTable(b, ISDServeConfig(stride=n, draft_mode=mode), 0, dev, vocab_size=vocab)
+        c4 = candidates(four, t, k, hints)
+        m["candidates 4 verify rows (the passes over V)"] = timed(lambda: candidates(four, t, k, hints), args.reps)
+        if dev.type == "cuda":
+            from idlm.inference.sglang_isd.verify_sampling import fused_verify
+
+            m["fused_verify (one kernel, after candidates)"] = timed(
+                lambda: fused_verify(c4, p, drafts, full, u[:, :-1], u[:, -1]), args.reps)
+        configs = [("argmax", False), ("sample", False)] + ([("argmax", True)] if dev.type == "cuda" else [])
+        for mode, fused in configs:
+            cfg = ISDServeConfig(stride=n, draft_mode=mode, fused_verify=fused)
+            state = ISDStateTable(b, cfg, 0, dev, vocab_size=vocab)
             slots = torch.arange(b, device=dev)
             state.on_prefill(slots, torch.ones(b, dtype=torch.long, device=dev))
             seq = torch.full((b,), 512, device=dev)
             step = state.build(slots, seq)
             sampling = SamplingView(t, k, p, hints)
-            m[f"commit sampled ({mode} drafts)"] = timed(lambda: state.commit(slots, step, logits, seq, sampling),
-                                                          args.reps)
+            label = f"commit sampled ({mode} drafts{', fused verify' if fused else ''})"
+            m[label] = timed(lambda: state.commit(slots, step, logits, seq, sampling), args.reps)
         m["commit greedy"] = timed(lambda: state.commit(slots, step, logits, seq, None), args.reps)
         one_row = logits.view(b, rows, vocab)[:, 0].contiguous()
         for name, sample in ar.items():
