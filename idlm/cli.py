@@ -74,7 +74,7 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
 
     from idlm.inference.sglang_isd.config import build_ar_launch_command, build_launch_command
 
-    if args.ar and (args.stride is not None or args.lora or args.fused_verify):
+    if args.ar and (args.stride is not None or args.lora or args.fused_verify is not None):
         raise UserError("--ar serves plain autoregressive decoding: it takes neither --stride, --lora nor "
                         "--fused-verify")
     if args.stride is not None:
@@ -96,7 +96,7 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
         argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port,
                                          python=sys.executable, extra=extra, lora=args.lora,
                                          draft_mode=args.draft_mode or DEFAULT_DRAFT_MODE["sglang"],
-                                         fused_verify=args.fused_verify)
+                                         fused_verify=args.fused_verify is not False)
     if args.print_command:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv))
         return 0
@@ -115,7 +115,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _cmd_serve_sglang(args)
     if args.ar:
         raise UserError("--ar is an option of --engine sglang (the native engine serves AR with --stride 1)")
-    if args.fused_verify:
+    if args.fused_verify is not None:
         raise UserError("--fused-verify is an option of --engine sglang (a Triton kernel of the SGLang worker)")
     from idlm.inference.server import serve
 
@@ -164,9 +164,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "for every step from it and the live acceptance, for the most tokens/s (docs/isd.md)")
     p.add_argument("--sglang-args", default="", help="sglang engine: extra flags for sglang.launch_server (one string)")
     p.add_argument("--print-command", action="store_true", help="sglang engine: print the launch command and exit")
-    p.add_argument("--fused-verify", action="store_true",
+    p.add_argument("--fused-verify", action=argparse.BooleanOptionalAction, default=None,
                    help="sglang engine: verify sampled steps (argmax drafts, top-k on every request) in one Triton "
-                        "kernel instead of PyTorch ops; same rule and output (docs/serving.md)")
+                        "kernel instead of PyTorch ops, same rule and output (default on; docs/serving.md)")
     p.add_argument("--ar", action="store_true", help="sglang engine: plain autoregressive decoding of any causal LM "
                    "(no ISD worker), same flags: the baseline ISD is measured against")
     p.set_defaults(func=_cmd_serve)

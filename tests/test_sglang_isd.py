@@ -247,7 +247,7 @@ def test_launch_command_and_cli(tmp_path, capsys):
     argv, env = build_launch_command(str(ckpt), None, port=1234)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert argv[argv.index("--speculative-num-draft-tokens") + 1] == "5" and "--disable-overlap-schedule" not in argv
-    assert json.loads(env[ENV_CONFIG]) == {"stride": 3, "draft_mode": "argmax", "seed": 0, "fused_verify": False}
+    assert json.loads(env[ENV_CONFIG]) == {"stride": 3, "draft_mode": "argmax", "seed": 0, "fused_verify": True}
     assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--stride", "4", "--print-command",
                  "--sglang-args", "--cuda-graph-max-bs 8"]) == 0
     out = capsys.readouterr().out
@@ -256,11 +256,11 @@ def test_launch_command_and_cli(tmp_path, capsys):
     assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--stride", "4", "--print-command",
                  "--draft-mode", "sample"]) == 0
     assert '"draft_mode": "sample"' in capsys.readouterr().out
-    # the fused sampled verification travels to the worker in the same config
-    assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--print-command", "--fused-verify"]) == 0
-    assert '"fused_verify": true' in capsys.readouterr().out
-    fused = ISDServeConfig(stride=3, fused_verify=True)
-    assert ISDServeConfig(**json.loads(fused.to_env())) == fused
+    # the fused sampled verification (on by default) travels to the worker in the same config
+    assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--print-command", "--no-fused-verify"]) == 0
+    assert '"fused_verify": false' in capsys.readouterr().out
+    off = ISDServeConfig(stride=3, fused_verify=False)
+    assert ISDServeConfig(**json.loads(off.to_env())) == off
     assert main(["serve", "--model", str(ckpt), "--fused-verify"]) == 2
     assert "--fused-verify is an option of --engine sglang" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--lora", str(tmp_path)]) == 2
@@ -277,7 +277,7 @@ def test_launch_command_and_cli(tmp_path, capsys):
                  "--max-batch-size", "32"]) == 0
     out = capsys.readouterr().out
     assert ENV_CONFIG not in out and "--speculative" not in out and "--max-running-requests 32" in out
-    for bad in (["--stride", "4"], ["--lora", str(tmp_path)], ["--fused-verify"]):
+    for bad in (["--stride", "4"], ["--lora", str(tmp_path)], ["--no-fused-verify"]):
         assert main(["serve", "--engine", "sglang", "--ar", "--model", str(plain), "--print-command", *bad]) == 2
         assert "--ar serves plain autoregressive decoding" in capsys.readouterr().err
     assert main(["serve", "--ar", "--model", str(plain)]) == 2

@@ -54,14 +54,14 @@ class ISDServeConfig:
         model only (`gated_lora.py`); its ``idlm_adapter.json`` gives the MASK id. None: the model is an I-DLM.
     fused_verify: sampled steps with argmax drafts and top-k on every request (the paper's protocol) verify in one
         Triton kernel (`verify_sampling.py`) instead of some thirty PyTorch launches; same rule, same output for
-        the same uniforms. Off by default until it has been timed on a GPU.
+        the same uniforms (on an H200 the sampled commit drops from 2.4 to 1.5-1.6 ms at 32 and 64 requests).
     """
 
     stride: int
     draft_mode: str = DEFAULT_DRAFT_MODE["sglang"]
     seed: int = 0
     lora: str | None = None
-    fused_verify: bool = False
+    fused_verify: bool = True
 
     def __post_init__(self) -> None:
         check_stride(self.stride)
@@ -268,7 +268,7 @@ def build_launch_command(
     draft_mode: str = DEFAULT_DRAFT_MODE["sglang"],
     extra: list[str] | None = None,
     lora: str | None = None,
-    fused_verify: bool = False,
+    fused_verify: bool = True,
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) that start SGLang with ISD on ``model`` (R-ISD on a base model with ``lora``, a
     gated-LoRA adapter directory).

@@ -21,6 +21,8 @@ Pure PyTorch; tested on CPU against greedy AR (tests/test_sglang_isd.py).
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,19 @@ from idlm.requests import is_greedy
 from idlm.sampling import BatchHints, candidates, filtered_probs, process_logits
 
 from .config import ISDServeConfig
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _fused_verify():
+    """`verify_sampling.fused_verify`, or None (logged once) where Triton is missing: the PyTorch rule is the same."""
+    try:
+        from .verify_sampling import fused_verify
+    except ImportError as exc:
+        log.warning("ISD: no fused sampled verification (%s); using the PyTorch ops", exc)
+        return None
+    return fused_verify
 
 
 @dataclass
@@ -140,10 +155,9 @@ class ISDStateTable:
             if mode == "argmax" and hints is not None and hints.max_top_k < logits.shape[-1]:
                 # every row has top-k (the paper's protocol): p over its candidates, no pass over V after the top-k
                 c = candidates(p_logits, temp, top_k, hints)
-                if self.cfg.fused_verify and c.scaled.is_cuda:  # the rest in one kernel launch (same rule)
-                    from .verify_sampling import fused_verify
-
-                    accepted, nxt = fused_verify(c, top_p, drafts, num_drafts, u[:, :k_max], u[:, k_max])
+                fused = _fused_verify() if self.cfg.fused_verify and c.scaled.is_cuda else None
+                if fused is not None:  # the rest in one kernel launch (same rule)
+                    accepted, nxt = fused(c, top_p, drafts, num_drafts, u[:, :k_max], u[:, k_max])
                 else:
                     accepted, nxt = verify_point_drafts(c.ids, filtered_probs(c, top_p, hints), drafts, num_drafts,
                                                         u[:, :k_max], u[:, k_max])
