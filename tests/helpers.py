@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from idlm.losses import IGNORE_INDEX
@@ -81,3 +86,23 @@ def leftovers(token: str, wait_s: float = 1.5) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+def tiny_idlm_checkpoint(root, stride: int, seed: int = 0) -> str:
+    """A tiny Qwen3-shaped base under ``root``/base converted into an I-DLM checkpoint at ``root``/ckpt (`idlm
+    convert`, 8 free embedding rows): the model that the server and serving tests start real processes on."""
+    from idlm.convert import convert
+    from idlm.tiny import build_tiny_model
+
+    root = Path(root)
+    build_tiny_model(root / "base", arch="qwen3", free_rows=8, seed=seed)
+    convert(base=str(root / "base"), output=str(root / "ckpt"), stride=stride)
+    return str(root / "ckpt")
+
+
+def run_in_triton_interpreter(module: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m module`` with TRITON_INTERPRET=1 and no GPU visible, from the repository root: a kernel test on CPU
+    needs its own process, because triton picks interpreted or compiled mode when it is first imported."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", module], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout)

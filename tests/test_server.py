@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from idlm.errors import UserError
 from idlm.inference.runner import EngineRunner
 from idlm.inference.server import bind_socket, create_app, serve, server_url
+from tests.helpers import tiny_idlm_checkpoint
 
 MODEL_NAME = "tiny-idlm"
 MAX_REQUEST_BYTES = 1 << 20  # the test server's body limit (the default is 8 MiB)
@@ -37,14 +38,7 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.02):
 
 @pytest.fixture(scope="module")
 def idlm_dir(tmp_path_factory):
-    from idlm.convert import convert
-    from idlm.tiny import build_tiny_model
-
-    base = tmp_path_factory.mktemp("serve_base")
-    build_tiny_model(base, arch="qwen3", free_rows=8, seed=0)
-    out = tmp_path_factory.mktemp("serve_idlm") / "ckpt"
-    convert(base=str(base), output=str(out), stride=3)
-    return str(out)
+    return tiny_idlm_checkpoint(tmp_path_factory.mktemp("serve"), stride=3)
 
 
 @pytest.fixture(scope="module")

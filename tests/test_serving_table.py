@@ -12,20 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_idlm_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts/dev/serving_table.py"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from idlm.convert import convert
-    from idlm.tiny import build_tiny_model
-
-    base = tmp_path_factory.mktemp("table_base")
-    build_tiny_model(base, arch="qwen3", free_rows=8, seed=0)
-    out = tmp_path_factory.mktemp("table_idlm") / "ckpt"
-    convert(base=str(base), output=str(out), stride=2)
-    return str(out)
+    return tiny_idlm_checkpoint(tmp_path_factory.mktemp("table"), stride=2)
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

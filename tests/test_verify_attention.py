@@ -4,21 +4,15 @@ or compiled mode when it is first imported; tests/gpu/test_verify_attention_gpu.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.helpers import run_in_triton_interpreter
+
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kernel_equals_definition_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "tests.verify_attention_cases"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_in_triton_interpreter("tests.verify_attention_cases")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("ok prefix=") for line in lines) == 4, proc.stdout
