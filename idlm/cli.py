@@ -72,7 +72,7 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    from idlm.inference.sglang_isd.config import build_ar_launch_command, build_launch_command
+    from idlm.inference.sglang_isd.config import build_ar_launch_command, build_launch_command, grpc_port_env
 
     if args.ar and (args.stride is not None or args.lora or args.fused_verify is not None):
         raise UserError("--ar serves plain autoregressive decoding: it takes neither --stride, --lora nor "
@@ -91,7 +91,7 @@ def _cmd_serve_sglang(args: argparse.Namespace) -> int:
     extra += shlex.split(args.sglang_args or "")
     if args.ar:
         argv, env = build_ar_launch_command(args.model, host=args.host, port=args.port, python=sys.executable,
-                                            extra=extra), {}
+                                            extra=extra), grpc_port_env(args.port)
     else:
         argv, env = build_launch_command(args.model, args.stride, host=args.host, port=args.port,
                                          python=sys.executable, extra=extra, lora=args.lora,

@@ -71,6 +71,14 @@ def check_temperature(value: Any, name: str = "temperature", param: str = "tempe
     return float(value)
 
 
+def check_draft_temperature(value: Any, name: str = "draft_temperature", param: str = "draft_temperature") -> float:
+    """The draft rows' temperature relative to the request's (1 = the same; below 1 sharper drafts). Any value keeps
+    the output exact: the verifier judges each draft against the distribution it was drawn from."""
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 4:
+        raise InvalidRequest(f"{name} must be a number in (0, 4], got {show(value)}", param)
+    return float(value)
+
+
 def check_top_p(value: Any, name: str = "top_p", param: str = "top_p") -> float:
     if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
         raise InvalidRequest(f"{name} must be in (0, 1], got {show(value)}", param)

@@ -46,6 +46,7 @@ from idlm.isd import (
 from idlm.lora import GatedLoRAConfig, load_gated_lora
 from idlm.requests import (
     DEFAULT_DRAFT_MODE,
+    check_draft_temperature,
     check_max_new_tokens,
     check_seed,
     check_temperature,
@@ -65,6 +66,9 @@ class SamplingParams:
     stop_token_ids: generation stops right after one of these is emitted (it is included in ``token_ids``).
     seed: seeds this request's own generator (None: a random seed); results do not depend on the batch.
     draft_mode: ``"sample"`` | ``"argmax"`` | ``"paper_argmax"`` (biased, for tests only), see `idlm.isd`.
+    draft_temperature: sampled drafts come from the draft rows at ``temperature * draft_temperature`` (top-k and
+        top-p as the request's); the verifier uses that same distribution, so every value is exact. Below 1 the
+        drafts are sharper than the model's own marginal, which can accept more (`idlm.ceiling`).
     """
 
     max_new_tokens: int = 128
@@ -74,6 +78,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     draft_mode: str = DEFAULT_DRAFT_MODE["native"]
+    draft_temperature: float = 1.0
 
 
 @dataclass
@@ -451,6 +456,7 @@ class ISDEngine:
         check_top_p(params.top_p)
         check_seed(params.seed)
         check_draft_mode(params.draft_mode)
+        check_draft_temperature(params.draft_temperature)
         # A step writes up to 2N - 1 rows after the committed tokens; the last one may reach this far.
         slack = max_step_rows(self.stride) - 1
         need = len(prompt_ids) + params.max_new_tokens + slack
@@ -745,7 +751,8 @@ class ISDEngine:
         else:
             params = self._params(reqs)
             p_probs = process_logits(p_logits, *params)
-            q_probs = process_logits(q_logits, *params) if k_max else q_logits.float()
+            draft_temp = torch.tensor([r.params.draft_temperature for r in reqs], device=dev, dtype=torch.float64)
+            q_probs = process_logits(q_logits, params[0] * draft_temp, *params[1:]) if k_max else q_logits.float()
             u = torch.stack([r.uniforms(2 * k_max + 1) for r in reqs]).to(dev)  # fixed count: batch-independent
             modes = [r.verify_mode for r in reqs]
             old_q = None

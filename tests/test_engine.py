@@ -196,6 +196,7 @@ def test_add_request_validation(model):
         ([1], SamplingParams(top_p=0.0), "top_p"),
         ([1], SamplingParams(top_k=-2), "top_k"),
         ([1], SamplingParams(draft_mode="greedy"), "draft mode"),
+        ([1], SamplingParams(draft_temperature=0.0), "draft_temperature"),
     ]
     for prompt, params, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -253,6 +254,27 @@ def test_sampled_isd_follows_the_ar_distribution(dist_model, exact_t1, mode):
     assert p_value > ALPHA, f"{mode}: G test p = {p_value:.2e} over {df} dof"
     # tokens 3 and 4 come from verified drafts; both accept and reject happened at both positions
     assert all(0.1 < a < 0.95 for a in stats.acceptance) and stats.attempted[1] > 1000
+
+
+@pytest.mark.parametrize("draft_temperature", [0.4, 2.0])
+def test_sharpened_or_flattened_drafts_keep_the_ar_distribution(dist_model, exact_t1, draft_temperature):
+    """Drafts drawn at temperature * draft_temperature are judged against that distribution: still exact."""
+    samples, stats = _isd_samples(dist_model, 3, 4000, "sample", seed0=30_000, temperature=1.0,
+                                  draft_temperature=draft_temperature)
+    p_value, df = g_test(exact_t1, samples)
+    assert df >= 40
+    assert p_value > ALPHA, f"draft temperature {draft_temperature}: G test p = {p_value:.2e} over {df} dof"
+    assert all(0.05 < a < 0.95 for a in stats.acceptance)
+
+
+def test_draft_temperature_changes_the_drafts_not_greedy_output(dist_model):
+    """A sharper draft distribution accepts differently at temperature 1; greedy requests ignore it."""
+    _, base = _isd_samples(dist_model, 3, 1500, "sample", seed0=40_000, temperature=1.0)
+    _, sharp = _isd_samples(dist_model, 3, 1500, "sample", seed0=40_000, temperature=1.0, draft_temperature=0.3)
+    assert base.acceptance != sharp.acceptance
+    g1, _ = _isd_samples(dist_model, 3, 4, "sample", temperature=0.0)
+    g2, _ = _isd_samples(dist_model, 3, 4, "sample", temperature=0.0, draft_temperature=0.3)
+    assert g1 == g2
 
 
 def test_paper_argmax_rule_fails_the_distribution_test(dist_model, exact_t1):

@@ -21,6 +21,7 @@ from idlm.inference.sglang_isd.config import (
     ISDServeConfig,
     build_ar_launch_command,
     build_launch_command,
+    grpc_port_env,
     load_isd_yaml,
     local_idlm_config,
     mask_token_id_of,
@@ -284,6 +285,29 @@ def test_launch_command_and_cli(tmp_path, capsys):
     assert "--ar is an option of --engine sglang" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--adaptive-stride", "--model", str(plain), "--print-command"]) == 2
     assert "--adaptive-stride is an option of the native engine" in capsys.readouterr().err
+
+
+def test_high_ports_get_a_grpc_port_sglang_accepts(tmp_path, monkeypatch, capsys):
+    """SGLang 0.5.15 refuses --port P when P + 10000 > 65535 and SGLANG_GRPC_PORT is unset (a sweep's OS-chosen
+    port 59915 killed its ISD server that way): such launches carry SGLANG_GRPC_PORT = P - 10000."""
+    monkeypatch.delenv("SGLANG_GRPC_PORT", raising=False)
+    assert grpc_port_env(55535) == {} and grpc_port_env(30000) == {}
+    assert grpc_port_env(59915) == {"SGLANG_GRPC_PORT": "49915"}
+    assert grpc_port_env(65535) == {"SGLANG_GRPC_PORT": "55535"}
+    assert grpc_port_env(59915, {"SGLANG_GRPC_PORT": "7000"}) == {}  # the caller's choice stands
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"idlm": {"mask_token_id": 5, "stride": 3}}))
+    _, env = build_launch_command(str(ckpt), None, port=59915)
+    assert env["SGLANG_GRPC_PORT"] == "49915"
+    for extra in ([], ["--ar"]):
+        assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--port", "61000", "--print-command",
+                     *extra]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("SGLANG_GRPC_PORT=51000 ") or " SGLANG_GRPC_PORT=51000 " in out
+        assert main(["serve", "--engine", "sglang", "--model", str(ckpt), "--port", "31000", "--print-command",
+                     *extra]) == 0
+        assert "SGLANG_GRPC_PORT" not in capsys.readouterr().out
 
 
 def test_risd_launch_command_and_server_args(tmp_path, monkeypatch, capsys):

@@ -296,7 +296,22 @@ def build_launch_command(
     argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--host", host, "--port", str(port),
             "--speculative-algorithm", ALGORITHM_NAME, "--speculative-num-draft-tokens", str(cfg.num_draft_tokens),
             *LAUNCH_FLAGS]
-    return argv + list(extra or []), {ENV_CONFIG: cfg.to_env()}
+    return argv + list(extra or []), {ENV_CONFIG: cfg.to_env(), **grpc_port_env(port)}
+
+
+# SGLang 0.5.15 derives a gRPC port from --port (+ 10000) and refuses to start when that passes 65535, even with
+# gRPC off; a free port from the OS is often above 55535.
+GRPC_PORT_OFFSET = 10000
+ENV_GRPC_PORT = "SGLANG_GRPC_PORT"
+
+
+def grpc_port_env(port: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Extra environment that lets SGLang start on ``port``: ``{SGLANG_GRPC_PORT: port - 10000}`` where
+    ``port + 10000`` would be out of range and the caller's environment does not set it, else nothing."""
+    environ = os.environ if environ is None else environ
+    if port + GRPC_PORT_OFFSET <= 65535 or ENV_GRPC_PORT in environ:
+        return {}
+    return {ENV_GRPC_PORT: str(port - GRPC_PORT_OFFSET)}
 
 
 def build_ar_launch_command(model: str, host: str = "127.0.0.1", port: int = 30000, python: str = "python3",

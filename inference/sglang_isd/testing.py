@@ -14,7 +14,7 @@ from pathlib import Path
 
 from idlm.config import step_rows
 from idlm.eval.runner import sglang_isd_stats
-from idlm.inference.sglang_isd.config import LAUNCH_FLAGS
+from idlm.inference.sglang_isd.config import LAUNCH_FLAGS, grpc_port_env
 
 ROOT = Path(__file__).resolve().parents[2]
 # The launch flags of `idlm serve --engine sglang`, plus what the checks need (token ids in and out, quiet logs).
@@ -70,7 +70,8 @@ class SGLangServer:
         log.write("+ " + " ".join(cmd) + "\n")
         log.flush()
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+        env = {**os.environ, **grpc_port_env(self.port), **self.env}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         return self
 
