@@ -27,6 +27,9 @@ class ObjectiveConfig:
         conversion: it keeps the AR distribution where the base had it (0 at initialisation). 0 = off.
     distill_soft: share of soft targets in the noisy half, in [0, 1]: the MASK rows are trained towards the
         teacher's next-token distribution p instead of the data token (what ISD's min(1, p/q) rewards). 0 = off.
+    distill_accept: weight of the acceptance gap 1 - sum_x min(p(x), q(x)) on the noisy half, p the teacher's
+        distribution at the data's next token: the miss rate of a draft sampled from q, whose average over the
+        data's own next tokens is what the best sampled drafter minimises (`idlm.ceiling`). 0 = off.
     """
 
     alpha: float = 0.2
@@ -34,6 +37,7 @@ class ObjectiveConfig:
     block_align: Literal["response", "sequence"] = "response"
     distill_kl: float = 0.0
     distill_soft: float = 0.0
+    distill_accept: float = 0.0
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
@@ -44,6 +48,8 @@ class ObjectiveConfig:
             raise UserError(f"objective distill_kl must be >= 0, got {self.distill_kl}")
         if not 0 <= self.distill_soft <= 1:
             raise UserError(f"objective distill_soft must be in [0, 1], got {self.distill_soft}")
+        if not self.distill_accept >= 0:
+            raise UserError(f"objective distill_accept must be >= 0, got {self.distill_accept}")
         if self.auto_balance and self.distill_kl > 0:
             raise UserError("objective auto_balance and distill_kl cannot be combined: the KL term already anchors "
                             "the clean half; use a fixed alpha")
@@ -51,7 +57,7 @@ class ObjectiveConfig:
     @property
     def uses_teacher(self) -> bool:
         """Whether the objective needs the frozen teacher's logits."""
-        return self.distill_kl > 0 or self.distill_soft > 0
+        return self.distill_kl > 0 or self.distill_soft > 0 or self.distill_accept > 0
 
 
 @dataclass

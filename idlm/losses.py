@@ -105,6 +105,8 @@ class MixedCE(NamedTuple):
     entropy: sum of H(p_teacher) (detached); KL(p_teacher || q) = soft - entropy, and ``mixed - mix * entropy``
              has the same gradient as ``(1 - mix) * hard + mix * KL``.
     count:   number of rows with a target.
+    gap:     sum of 1 - sum_x min(p_teacher(x), q(x)) (detached): what a draft sampled from q misses of the
+             acceptance min(1, p/q) against p; with ``accept`` > 0, ``mixed`` also holds ``accept * gap``.
     """
 
     mixed: torch.Tensor
@@ -112,11 +114,16 @@ class MixedCE(NamedTuple):
     soft: torch.Tensor
     entropy: torch.Tensor
     count: int
+    gap: torch.Tensor | None = None
 
 
-def _chunk_mixed(h, weight, bias, th, t_weight, t_bias, targets, mix: float, want_grad: bool):
-    """One chunk: (mixed, hard, soft, entropy) sums and, if ``want_grad``, d(mixed)/d(logits) = q - target.
-    At most three [chunk, V] float32 blocks are alive at once (student log-probs, teacher log-probs, teacher probs)."""
+def _chunk_mixed(h, weight, bias, th, t_weight, t_bias, targets, mix: float, want_grad: bool, accept: float = 0.0):
+    """One chunk: (mixed, hard, soft, entropy, gap) sums and, if ``want_grad``, d(mixed)/d(logits).
+
+    mixed = (1 - mix) CE(onehot) + mix CE(p) + accept * gap, gap = sum over rows of 1 - sum_x min(p_x, q_x). With
+    S = {x: q_x < p_x}, d(gap)/d(logit_j) = q_j (q(S) - [j in S]), so the gradient is
+    q - target + accept * q * (q(S) - 1[S]). At most three [chunk, V] float32 blocks are alive at once (student
+    log-probs, teacher log-probs, teacher probs), four with ``accept``."""
     acc = torch.promote_types(h.dtype, torch.float32)
     with torch.no_grad():
         t_logp = torch.log_softmax(F.linear(th, t_weight, t_bias).to(acc), dim=-1)
@@ -127,13 +134,20 @@ def _chunk_mixed(h, weight, bias, th, t_weight, t_bias, targets, mix: float, wan
     logq = logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
     hard = -logq.gather(1, targets[:, None]).sum()
     soft = -torch.dot(p.view(-1), logq.view(-1))
-    mixed = (1.0 - mix) * hard + mix * soft
+    grad = logq.exp_()  # q, in place of the log-probs (no longer needed)
+    below = torch.lt(grad, p)  # S, bool
+    gap = grad.shape[0] - torch.minimum(grad, p).sum()
+    mixed = (1.0 - mix) * hard + mix * soft + accept * gap
     if not want_grad:
-        return (mixed, hard, soft, entropy), None
-    grad = logq.exp_()  # q, in place of the log-probs
+        return (mixed, hard, soft, entropy, gap), None
+    if accept > 0:
+        q_below = (grad * below).sum(-1, keepdim=True)  # q(S) per row
+        extra = grad * (q_below - below.to(grad.dtype))
     grad.sub_(p, alpha=mix)
     grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0 - mix
-    return (mixed, hard, soft, entropy), grad
+    if accept > 0:
+        grad.add_(extra, alpha=accept)
+    return (mixed, hard, soft, entropy, gap), grad
 
 
 class _LinearMixedCrossEntropySum(torch.autograd.Function):
@@ -141,9 +155,10 @@ class _LinearMixedCrossEntropySum(torch.autograd.Function):
     the teacher's logits are computed chunk by chunk under no_grad, so neither model's [rows, V] logits exist."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, mix, chunk_size):
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, mix, chunk_size,
+                accept):
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        sums = torch.zeros(4, dtype=acc, device=hidden.device)
+        sums = torch.zeros(5, dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
@@ -151,7 +166,7 @@ class _LinearMixedCrossEntropySum(torch.autograd.Function):
             sl = slice(start, start + chunk_size)
             h = hidden[sl]
             parts, g = _chunk_mixed(h, weight, bias, teacher_hidden[sl], teacher_weight, teacher_bias, targets[sl],
-                                    mix, want_grad=True)
+                                    mix, want_grad=True, accept=accept)
             sums += torch.stack([x.detach() for x in parts])
             g = g.to(hidden.dtype)
             torch.mm(g, weight, out=grad_h[sl])
@@ -167,7 +182,8 @@ class _LinearMixedCrossEntropySum(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = grad_out.to(grad_h.dtype)
         return (grad_h * scale, grad_w * scale.to(grad_w.dtype),
-                None if grad_b is None else grad_b * scale.to(grad_b.dtype), None, None, None, None, None, None)
+                None if grad_b is None else grad_b * scale.to(grad_b.dtype), None, None, None, None, None, None,
+                None)
 
 
 def linear_mixed_cross_entropy_sum(
@@ -180,8 +196,10 @@ def linear_mixed_cross_entropy_sum(
     bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int = 2048,
+    accept: float = 0.0,
 ) -> MixedCE:
-    """Summed CE of ``hidden @ weight.T (+ bias)`` against ``(1 - mix) * onehot(targets) + mix * softmax(teacher)``.
+    """Summed CE of ``hidden @ weight.T (+ bias)`` against ``(1 - mix) * onehot(targets) + mix * softmax(teacher)``,
+    plus ``accept`` times the summed acceptance gap 1 - sum_x min(p, q) (`MixedCE.gap`).
 
     hidden, teacher_hidden: [N, d] and [N, d_t] (row i of both belongs to the same target); weight: [V, d];
     teacher_weight: [V, d_t] (same vocabulary); targets: [N] with IGNORE_INDEX for rows without a target.
@@ -193,13 +211,15 @@ def linear_mixed_cross_entropy_sum(
         raise ValueError(f"student and teacher vocabularies differ: {weight.shape[0]} vs {teacher_weight.shape[0]}")
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must be in [0, 1], got {mix}")
+    if not accept >= 0.0:
+        raise ValueError(f"accept must be >= 0, got {accept}")
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     rows = (targets != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     count = int(rows.numel())
     if count == 0:
         zero = (hidden.sum() * 0.0 + weight.sum() * 0.0).to(acc_dtype)
         z = zero.detach()
-        return MixedCE(zero, z, z, z, 0)
+        return MixedCE(zero, z, z, z, 0, z)
     h = hidden.index_select(0, rows)
     th = teacher_hidden.index_select(0, rows).detach()
     t = targets.index_select(0, rows)
@@ -207,11 +227,12 @@ def linear_mixed_cross_entropy_sum(
     if needs_grad:
         mixed, sums = _LinearMixedCrossEntropySum.apply(h, weight, bias, th, teacher_weight.detach(),
                                                          None if teacher_bias is None else teacher_bias.detach(),
-                                                         t, float(mix), chunk_size)
-        return MixedCE(mixed, sums[1], sums[2], sums[3], count)
-    sums = torch.zeros(4, dtype=acc_dtype, device=hidden.device)
+                                                         t, float(mix), chunk_size, float(accept))
+        return MixedCE(mixed, sums[1], sums[2], sums[3], count, sums[4])
+    sums = torch.zeros(5, dtype=acc_dtype, device=hidden.device)
     for start in range(0, count, chunk_size):
         sl = slice(start, start + chunk_size)
-        parts, _ = _chunk_mixed(h[sl], weight, bias, th[sl], teacher_weight, teacher_bias, t[sl], float(mix), False)
+        parts, _ = _chunk_mixed(h[sl], weight, bias, th[sl], teacher_weight, teacher_bias, t[sl], float(mix), False,
+                                float(accept))
         sums += torch.stack(parts)
-    return MixedCE(sums[0], sums[1], sums[2], sums[3], count)
+    return MixedCE(sums[0], sums[1], sums[2], sums[3], count, sums[4])

@@ -10,8 +10,9 @@ For a row with clean ids x_0 (length L) and labels (-100 outside the supervised 
   ranks), so k micro-batches with accumulation give exactly the loss and gradients of one big batch.
 * distillation (optional, `Teacher`): with p the frozen teacher's next-token distribution at the same position,
   the noisy term becomes (1 - s) * CE_noisy + s * KL(p || q_noisy) (s = ``distill_soft``) and the clean term
-  gains k * KL(p || q_clean) (k = ``distill_kl``); same normalisers, and the teacher's logits, like the model's,
-  exist only one chunk at a time.
+  gains k * KL(p || q_clean) (k = ``distill_kl``); with a = ``distill_accept`` the noisy term also gains
+  a * (1 - sum_x min(p, q_noisy)), the miss rate of a draft sampled from q (`idlm.ceiling`); same normalisers,
+  and the teacher's logits, like the model's, exist only one chunk at a time.
 
 Nothing here depends on LlamaFactory; the trainer in `idlm.training` calls `idlm_loss`.
 """
@@ -82,6 +83,7 @@ class LossOutput:
     n_clean: int
     sum_kl_noisy: torch.Tensor | None = None
     sum_kl_clean: torch.Tensor | None = None
+    sum_gap_noisy: torch.Tensor | None = None  # summed 1 - sum_x min(p, q) over noisy targets (with a teacher)
 
 
 @dataclass
@@ -262,7 +264,7 @@ def idlm_loss(
     )
     obj = cfg.objective
     if obj.uses_teacher and teacher is None:
-        raise ValueError("the objective has distill_kl / distill_soft set but no teacher was given")
+        raise ValueError("the objective has distill_kl / distill_soft / distill_accept set but no teacher was given")
     hidden = idlm_hidden_states(model, inputs)
     K = inputs.num_noisy_rows
     d = hidden.shape[-1]
@@ -285,11 +287,12 @@ def idlm_loss(
         t_head = teacher.head
         t_w, t_b = t_head.weight, getattr(t_head, "bias", None)
 
-    if th_noisy is not None and obj.distill_soft > 0:
+    gap_noisy = zero
+    if th_noisy is not None and (obj.distill_soft > 0 or obj.distill_accept > 0):
         m = linear_mixed_cross_entropy_sum(h_noisy, head.weight, t_noisy, th_noisy, t_w, obj.distill_soft, bias, t_b,
-                                           chunk_size)
-        sum_noisy, n_noisy, kl_noisy = m.hard, m.count, m.soft - m.entropy
-        noisy_term = (m.mixed - obj.distill_soft * m.entropy) / norm_noisy
+                                           chunk_size, accept=obj.distill_accept)
+        sum_noisy, n_noisy, kl_noisy, gap_noisy = m.hard, m.count, m.soft - m.entropy, m.gap
+        noisy_term = (m.mixed - obj.distill_soft * m.entropy) / norm_noisy  # (1 - s) CE + s KL + a gap
     else:
         sum_noisy, n_noisy = linear_cross_entropy_sum(h_noisy, head.weight, t_noisy, bias, chunk_size)
         noisy_term = sum_noisy / norm_noisy
@@ -326,4 +329,5 @@ def idlm_loss(
         n_clean=n_clean,
         sum_kl_noisy=kl_noisy.detach(),
         sum_kl_clean=kl_clean.detach(),
+        sum_gap_noisy=gap_noisy.detach(),
     )

@@ -20,13 +20,14 @@ VOCAB = 48
 ROWS = [(3, 8, 0), (2, 3, 6), (5, 6, 0), (1, 9, 1), (4, 2, 5), (2, 7, 2)]
 
 
-def _cfg(kl: float = 1.0, soft: float = 1.0, alpha: float = 0.2, stride: int = 3) -> IDLMConfig:
+def _cfg(kl: float = 1.0, soft: float = 1.0, alpha: float = 0.2, stride: int = 3, accept: float = 0.0
+         ) -> IDLMConfig:
     return IDLMConfig(mask_token_id=VOCAB - 1, stride=stride,
-                      objective=ObjectiveConfig(alpha=alpha, distill_kl=kl, distill_soft=soft))
+                      objective=ObjectiveConfig(alpha=alpha, distill_kl=kl, distill_soft=soft, distill_accept=accept))
 
 
-@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
-def test_mixed_ce_matches_autograd_reference(mix):
+@pytest.mark.parametrize("mix,accept", [(0.0, 0.0), (0.3, 0.0), (1.0, 0.0), (0.3, 2.0), (0.0, 1.0)])
+def test_mixed_ce_matches_autograd_reference(mix, accept):
     torch.manual_seed(0)
     N, d, dt, V = 37, 8, 6, 50
     h = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
@@ -35,14 +36,16 @@ def test_mixed_ce_matches_autograd_reference(mix):
     th, tW = torch.randn(N, dt, dtype=torch.float64), torch.randn(V, dt, dtype=torch.float64)
     t = torch.randint(0, V, (N,))
     t[[3, 10]] = IGNORE_INDEX
-    out = linear_mixed_cross_entropy_sum(h, W, t, th, tW, mix, b, chunk_size=5)
+    out = linear_mixed_cross_entropy_sum(h, W, t, th, tW, mix, b, chunk_size=5, accept=accept)
     grads = torch.autograd.grad(out.mixed * 1.7, (h, W, b))
     keep = t != IGNORE_INDEX
     logq = torch.log_softmax(h[keep] @ W.T + b, -1)
     p = torch.softmax(th[keep] @ tW.T, -1)
     hard = -logq.gather(1, t[keep][:, None]).sum()
     soft = -(p * logq).sum()
-    ref = (1 - mix) * hard + mix * soft
+    gap = (1 - torch.minimum(p, logq.exp()).sum(-1)).sum()  # what sampled drafts from q miss of min(1, p/q)
+    ref = (1 - mix) * hard + mix * soft + accept * gap
+    torch.testing.assert_close(out.gap, gap.detach())
     ref_grads = torch.autograd.grad(ref * 1.7, (h, W, b))
     assert out.count == int(keep.sum())
     torch.testing.assert_close(out.mixed.detach(), ref.detach())
@@ -50,7 +53,7 @@ def test_mixed_ce_matches_autograd_reference(mix):
     torch.testing.assert_close(out.soft - out.entropy, (p * (p.log() - logq)).sum().detach())  # the KL
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
-    if mix == 0.0:  # the plain fused CE, value and gradient
+    if mix == 0.0 and accept == 0.0:  # the plain fused CE, value and gradient
         h2 = h.detach().clone().requires_grad_(True)
         plain, _ = linear_cross_entropy_sum(h2, W.detach(), t, b.detach(), chunk_size=5)
         (g2,) = torch.autograd.grad(plain * 1.7, (h2,))
@@ -95,9 +98,37 @@ def test_loss_is_the_documented_combination():
     assert float(out.sum_kl_noisy) > 0 and float(out.sum_kl_clean) > 0
 
 
+def test_the_acceptance_term_is_the_documented_combination_and_lowers_the_gap():
+    """loss += a * gap_noisy / N_noisy, gap = 1 - sum_x min(p, q) per noisy target; a few steps on it alone
+    (soft and hard targets off) raise the noisy rows' overlap with the teacher."""
+    ids, labels, mask = random_batch(ROWS, VOCAB, seed=8)
+    model = tiny_model("qwen3", VOCAB)
+    teacher = Teacher(tiny_model("qwen3", VOCAB, seed=9))
+    s, a, k, w = 0.4, 3.0, 1.0, 0.2
+    out = idlm_loss(model, ids, labels, _cfg(kl=k, soft=s, alpha=w, accept=a), mask, teacher=teacher)
+    want = ((1 - s) * out.sum_noisy + s * out.sum_kl_noisy + a * out.sum_gap_noisy) / out.n_noisy \
+        + (w * out.sum_clean + k * out.sum_kl_clean) / out.n_clean
+    torch.testing.assert_close(out.loss.detach(), want)
+    assert 0 < float(out.sum_gap_noisy) < out.n_noisy
+    off = idlm_loss(model, ids, labels, _cfg(kl=k, soft=s, alpha=w), mask, teacher=teacher)
+    torch.testing.assert_close(off.sum_gap_noisy, out.sum_gap_noisy)  # logged either way
+    # the gap term alone: a mixture weight of 1 on the soft CE would also close it, so train on gap + clean CE
+    cfg = IDLMConfig(mask_token_id=VOCAB - 1, stride=3,
+                     objective=ObjectiveConfig(alpha=0.0, distill_kl=1.0, distill_soft=1.0, distill_accept=50.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = None
+    for _ in range(25):
+        opt.zero_grad()
+        o = idlm_loss(model, ids, labels, cfg, mask, teacher=teacher)
+        first = float(o.sum_gap_noisy) / o.n_noisy if first is None else first
+        o.loss.backward()
+        opt.step()
+    assert float(o.sum_gap_noisy) / o.n_noisy < first - 0.02
+
+
 def test_accumulation_equals_one_big_batch_with_teacher():
     ids, labels, mask = random_batch(ROWS, VOCAB, seed=6)
-    cfg = _cfg(kl=1.0, soft=0.5)
+    cfg = _cfg(kl=1.0, soft=0.5, accept=2.0)
     teacher = Teacher(tiny_model("qwen3", VOCAB, seed=7))
     model = tiny_model("qwen3", VOCAB)
     full = idlm_loss(model, ids, labels, cfg, mask, teacher=teacher)
@@ -135,7 +166,8 @@ def test_no_full_logits_of_student_or_teacher():
     ids, labels, mask = random_batch(rows, vocab, seed=2)
     model = tiny_model("qwen3", vocab, dtype=torch.float32)
     teacher = Teacher(tiny_model("qwen3", vocab, dtype=torch.float32, seed=3))
-    cfg = IDLMConfig(mask_token_id=vocab - 1, stride=4, objective=ObjectiveConfig(distill_kl=1.0, distill_soft=1.0))
+    cfg = IDLMConfig(mask_token_id=vocab - 1, stride=4, objective=ObjectiveConfig(distill_kl=1.0, distill_soft=1.0,
+                                                                              distill_accept=1.0))
     chunk = 16
     with _LargestTensor() as probe:
         out = idlm_loss(model, ids, labels, cfg, mask, chunk_size=chunk, teacher=teacher)
@@ -150,6 +182,9 @@ def test_objective_settings_are_checked():
         ObjectiveConfig(distill_soft=1.5)
     with pytest.raises(UserError, match="distill_kl"):
         ObjectiveConfig(distill_kl=float("nan"))
+    with pytest.raises(UserError, match="distill_accept"):
+        ObjectiveConfig(distill_accept=-1.0)
+    assert ObjectiveConfig(distill_accept=1.0).uses_teacher
     with pytest.raises(UserError, match="auto_balance"):
         ObjectiveConfig(auto_balance=True, distill_kl=1.0)
     ids, labels, mask = random_batch(ROWS, VOCAB, seed=1)

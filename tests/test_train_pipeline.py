@@ -47,7 +47,7 @@ def _recipe(files, out: Path, trainer: str) -> Path:
         "learning_rate": 1.0e-3, "max_steps": 3, "seed": 1, "logging_steps": 1, "save_steps": 100,
         "report_to": "none", "output_dir": str(out), "work_dir": str(out.parent / "work"),
         "alpha": 0.0, "distill_kl": 1.0, "distill_soft": 0.5,
-        "stages": [{"stride": 2}, {"stride": 3}],
+        "stages": [{"stride": 2}, {"stride": 3, "distill_accept": 2.0}],  # the acceptance gap in stage 2
         "adapter": {"stride": 3, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1.0e-3, "max_steps": 2,
                     "trainer": "idlm"},
         "evaluate": {"gsm8k": files["gsm8k"], "ifeval": files["ifeval"], "limit": 3, "strides": [2, 3],
@@ -100,6 +100,19 @@ def _check_adapter(isd: dict, stride: int) -> None:
         assert 1.0 <= s["tpf"] <= stride, key
 
 
+def _check_accept_gap(log: list[dict]) -> None:
+    """Stage 2 trains with distill_accept 2: its logged gap is a rejection rate in (0, 1) and, in the own loop,
+    counts in the loss; stage 1 logs the gap too (a teacher is in use) without training on it."""
+    for stage in (1, 2):
+        rows = [r for r in log if r["stage"] == stage and "accept_gap_noisy" in r]
+        assert rows and all(0 < r["accept_gap_noisy"] < 1 for r in rows), stage
+    own = [r for r in log if r["stage"] == 2 and "ce_noisy" in r and "lr" in r]
+    for r in own:  # the own loop's row holds the combination it trained on
+        want = (0.5 * r["ce_noisy"] + 0.5 * r["kl_noisy"] + 2.0 * r["accept_gap_noisy"] + r["weight"] * r["ce_clean"]
+                + r["kl_clean"])
+        assert abs(r["loss"] - want) < 1e-9
+
+
 def test_pipeline_own_loop(files, tmp_path):
     out = tmp_path / "idlm"
     recipe = _recipe(files, out, "idlm")
@@ -110,6 +123,7 @@ def test_pipeline_own_loop(files, tmp_path):
     assert {r["stage"] for r in log} == {1, 2, 3}
     first = next(r for r in log if r["stage"] == 1)
     assert abs(first["kl_clean"]) < 1e-6  # the teacher is the model before conversion: KL starts at 0
+    _check_accept_gap(log)
     # a rerun finds every phase done and changes nothing
     before = (out / "stage2-n3" / "model.safetensors").read_bytes()
     text = _run(recipe, tmp_path / "loop2.log", "--phases", "prepare,generate,train")
@@ -126,6 +140,7 @@ def test_pipeline_llamafactory_with_teacher(files, tmp_path):
     lf_rows = [r for r in log if r["stage"] in (1, 2)]
     assert lf_rows and all("kl_clean" in r and "kl_noisy" in r for r in lf_rows)
     assert abs(lf_rows[0]["kl_clean"]) < 1e-6
+    _check_accept_gap(lf_rows)
 
 
 def test_adapter_only_recipe(files, tmp_path):

@@ -74,6 +74,10 @@ def test_paper_recipe(fake_idlm_model, tmp_path, monkeypatch):
     ({"compile_layers": "yes"}, "compile_layers must be true or false"),
     ({"compile_layers": True, "finetuning": "gated_lora", "alpha": 0.0,
       "stages": [{"stride": 3}]}, "full only"),
+    ({"distill_accept": -1}, "distill_accept must be >= 0"),
+    ({"distill_accept": "lots"}, "distill_accept must be numbers"),
+    ({"finetuning": "gated_lora", "alpha": 0.0, "distill_accept": 1.0,
+      "stages": [{"stride": 3}]}, "distillation is not supported"),
 ])
 def test_recipe_errors(tmp_path, fake_idlm_model, change, needle):
     import yaml

@@ -93,7 +93,7 @@ def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg:
         n_clean = sum(count_targets(b["labels"])[1] for b in micro)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        sums = torch.zeros(4)
+        sums = torch.zeros(5)
         tokens = 0
         weight = cfg.clean_weight
         for b in micro:
@@ -104,7 +104,8 @@ def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg:
             weight = out.weight  # one clean-loss weight per optimizer step
             out.loss.backward()
             sums += torch.stack([out.sum_noisy.cpu().float(), out.sum_clean.cpu().float(),
-                                 out.sum_kl_noisy.cpu().float(), out.sum_kl_clean.cpu().float()])
+                                 out.sum_kl_noisy.cpu().float(), out.sum_kl_clean.cpu().float(),
+                                 out.sum_gap_noisy.cpu().float()])
             tokens += int(b["attention_mask"].sum())
         trainable = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -118,6 +119,7 @@ def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg:
             "ce_clean": float(sums[1]) / max(n_clean, 1),
             "kl_noisy": float(sums[2]) / max(n_noisy, 1),
             "kl_clean": float(sums[3]) / max(n_clean, 1),
+            "accept_gap_noisy": float(sums[4]) / max(n_noisy, 1),
             "weight": float(weight),
             "lr": opt.param_groups[0]["lr"],
             "grad_norm": float(grad_norm),
@@ -125,6 +127,7 @@ def train_loop(model, tokenizer, conversations: list, idlm_cfg: IDLMConfig, cfg:
         }
         obj = idlm_cfg.objective
         row["loss"] = ((1 - obj.distill_soft) * row["ce_noisy"] + obj.distill_soft * row["kl_noisy"]
+                       + obj.distill_accept * row["accept_gap_noisy"]
                        + row["weight"] * row["ce_clean"] + obj.distill_kl * row["kl_clean"])
         log.append(row)
         bar.set_postfix(noisy=f"{row['ce_noisy']:.3f}", clean=f"{row['ce_clean']:.3f}")
@@ -177,7 +180,8 @@ def run_loop_stage(plan, stage) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(int(_lf_number(lf, "seed", 42)))
     objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align,
-                                distill_kl=s.distill_kl, distill_soft=s.distill_soft)
+                                distill_kl=s.distill_kl, distill_soft=s.distill_soft,
+                                distill_accept=s.distill_accept)
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_file = plan.log_file

@@ -55,6 +55,7 @@ IDLM_KEYS = {
     "teacher",  # distillation teacher (default: the first stage's model, i.e. the model before conversion)
     "distill_kl",  # weight of KL(teacher || model) on the clean half
     "distill_soft",  # share of the teacher's soft targets in the noisy half
+    "distill_accept",  # weight of the acceptance gap 1 - sum min(p, q) against the teacher on the noisy half
     "mask_token",  # gated_lora: the MASK input as a token string of the base tokenizer (instead of mask_token_id)
     "work_dir",  # where the pipeline's shared products go (base, converted, generated data); default output_dir
     "base",  # pipeline: the AR model to convert (section; idlm.training.pipeline)
@@ -113,7 +114,8 @@ class StageSettings:
     trainer: str = "llamafactory"
     distill_kl: float = 0.0
     distill_soft: float = 0.0
-    teacher: str | None = None  # path (or hub id) of the frozen teacher when distill_kl / distill_soft > 0
+    distill_accept: float = 0.0
+    teacher: str | None = None  # path (or hub id) of the frozen teacher when a distill_* weight is > 0
     mask_token: str | None = None  # gated_lora: MASK given as a token string
 
 
@@ -359,7 +361,8 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
         merged = {**top, **_canonical(override, f"{where} stage {i}")}
         if is_adapter:
             merged["finetuning"] = "gated_lora"
-            for k in ("alpha", "distill_kl", "distill_soft", "auto_balance", "teacher", "model_name_or_path"):
+            for k in ("alpha", "distill_kl", "distill_soft", "distill_accept", "auto_balance", "teacher",
+                      "model_name_or_path"):
                 if k not in override:  # the curriculum's loss settings and base do not carry over to the adapter
                     merged.pop(k, None)
         settings, lf = _split_stage(merged, i, where)
@@ -388,7 +391,7 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
             lf["model_name_or_path"] = prev_dir
         if first_model is None:
             first_model = lf["model_name_or_path"]
-        if settings.distill_kl > 0 or settings.distill_soft > 0:
+        if settings.distill_kl > 0 or settings.distill_soft > 0 or settings.distill_accept > 0:
             teacher = merged.get("teacher")
             settings.teacher = (resolve_path(str(teacher), recipe_dir) or str(teacher)) if teacher else first_model
         lf["output_dir"] = settings.output_dir
@@ -453,12 +456,15 @@ def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageS
         raise UserError(f"{where}: trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
     try:
         kl, soft = float(merged.get("distill_kl", 0.0)), float(merged.get("distill_soft", 0.0))
-        ObjectiveConfig(alpha=obj.alpha, auto_balance=obj.auto_balance, distill_kl=kl, distill_soft=soft)
+        accept = float(merged.get("distill_accept", 0.0))
+        ObjectiveConfig(alpha=obj.alpha, auto_balance=obj.auto_balance, distill_kl=kl, distill_soft=soft,
+                        distill_accept=accept)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"{where} stage {index}: distill_kl and distill_soft must be numbers") from exc
+        raise UserError(f"{where} stage {index}: distill_kl, distill_soft and distill_accept must be numbers"
+                        ) from exc
     except UserError as exc:
         raise UserError(f"{where} stage {index}: {exc}") from exc
-    if finetuning == "gated_lora" and (kl or soft):
+    if finetuning == "gated_lora" and (kl or soft or accept):
         raise UserError(f"{where}: distillation is not supported for gated-LoRA training")
     for key in ("packing", "neat_packing"):
         if merged.get(key):
@@ -490,6 +496,7 @@ def _split_stage(merged: dict[str, Any], index: int, where: str) -> tuple[StageS
         trainer=trainer,
         distill_kl=kl,
         distill_soft=soft,
+        distill_accept=accept,
         mask_token=str(merged["mask_token"]) if merged.get("mask_token") is not None else None,
     )
     return settings, lf

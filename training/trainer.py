@@ -63,6 +63,7 @@ class IDLMOutput(ModelOutput):
     sum_clean: torch.Tensor | None = None
     sum_kl_noisy: torch.Tensor | None = None
     sum_kl_clean: torch.Tensor | None = None
+    sum_gap_noisy: torch.Tensor | None = None
 
 
 def install_objective_forward(model: torch.nn.Module, cfg: IDLMConfig, teacher: Teacher | None = None) -> None:
@@ -81,7 +82,7 @@ def install_objective_forward(model: torch.nn.Module, cfg: IDLMConfig, teacher: 
                         num_clean=int(idlm_num_clean), weight=idlm_weight, teacher=teacher)
         return IDLMOutput(loss=out.loss, ce_noisy=out.ce_noisy, ce_clean=out.ce_clean, weight=out.weight,
                           sum_noisy=out.sum_noisy, sum_clean=out.sum_clean, sum_kl_noisy=out.sum_kl_noisy,
-                          sum_kl_clean=out.sum_kl_clean)
+                          sum_kl_clean=out.sum_kl_clean, sum_gap_noisy=out.sum_gap_noisy)
 
     model.forward = forward
 
@@ -145,6 +146,7 @@ class _StepState:
     sum_clean: torch.Tensor | float = 0.0
     sum_kl_noisy: torch.Tensor | float = 0.0
     sum_kl_clean: torch.Tensor | float = 0.0
+    sum_gap_noisy: torch.Tensor | float = 0.0
 
 
 @dataclass
@@ -154,6 +156,7 @@ class _Window:
     ce_clean: float = 0.0
     kl_noisy: float = 0.0
     kl_clean: float = 0.0
+    gap_noisy: float = 0.0
     weight: float = 0.0
     work: StepWork = field(default_factory=StepWork)
     t0: float = field(default_factory=time.perf_counter)
@@ -251,6 +254,7 @@ class IDLMTrainer(_BaseTrainer):
         st.sum_clean = st.sum_clean + out.sum_clean.detach().double()
         st.sum_kl_noisy = st.sum_kl_noisy + out.sum_kl_noisy.detach().double()
         st.sum_kl_clean = st.sum_kl_clean + out.sum_kl_clean.detach().double()
+        st.sum_gap_noisy = st.sum_gap_noisy + out.sum_gap_noisy.detach().double()
         st.done += 1
         if st.done == st.num_micro:
             self._finish_step(st)
@@ -272,7 +276,8 @@ class IDLMTrainer(_BaseTrainer):
 
     def _finish_step(self, st: _StepState) -> None:
         sums = torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu()
-                            for x in (st.sum_noisy, st.sum_clean, st.sum_kl_noisy, st.sum_kl_clean)])
+                            for x in (st.sum_noisy, st.sum_clean, st.sum_kl_noisy, st.sum_kl_clean,
+                                      st.sum_gap_noisy)])
         stats = _all_reduce_sum(torch.cat([sums, st.work.as_tensor()]))
         ce_noisy = float(stats[0]) / max(st.n_noisy, 1)
         ce_clean = float(stats[1]) / max(st.n_clean, 1)
@@ -283,8 +288,9 @@ class IDLMTrainer(_BaseTrainer):
         w.ce_clean += ce_clean
         w.kl_noisy += float(stats[2]) / max(st.n_noisy, 1)
         w.kl_clean += float(stats[3]) / max(st.n_clean, 1)
+        w.gap_noisy += float(stats[4]) / max(st.n_noisy, 1)
         w.weight += float(st.weight)
-        w.work += StepWork.from_tensor(stats[4:])
+        w.work += StepWork.from_tensor(stats[5:])
         self._step = None
 
     # -- logging -------------------------------------------------------------------------------------------------
@@ -298,7 +304,8 @@ class IDLMTrainer(_BaseTrainer):
                 "ce_noisy": w.ce_noisy / w.steps,
                 "ce_clean": w.ce_clean / w.steps,
                 "clean_weight": w.weight / w.steps,
-                **({"kl_noisy": w.kl_noisy / w.steps, "kl_clean": w.kl_clean / w.steps}
+                **({"kl_noisy": w.kl_noisy / w.steps, "kl_clean": w.kl_clean / w.steps,
+                    "accept_gap_noisy": w.gap_noisy / w.steps}
                    if self.idlm_cfg.objective.uses_teacher else {}),
                 "stride": self.idlm_cfg.stride,
                 "tokens_per_s": w.work.tokens / dt,

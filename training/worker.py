@@ -168,7 +168,8 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
 def _stage_config(model, tokenizer, s):
     """(IDLMConfig of this stage, GatedLoRAConfig or None)."""
     objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align,
-                                distill_kl=s.distill_kl, distill_soft=s.distill_soft)
+                                distill_kl=s.distill_kl, distill_soft=s.distill_soft,
+                                distill_accept=s.distill_accept)
     rows = model.get_input_embeddings().weight.shape[0]
     if s.finetuning == "gated_lora":
         mask_id = s.mask_token_id if s.mask_token_id is not None else free_mask_row(tokenizer, rows)
