@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -77,6 +78,38 @@ def g_test(expected: dict[tuple[int, ...], float], samples: list[tuple[int, ...]
     p = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
     return float(p), df
 
+
+
+def g_test_two_sample(a: list, b: list, min_count: float = 5.0) -> tuple[float, int]:
+    """G test that two samples (of hashable outcomes) come from one distribution: (p_value, degrees of freedom).
+
+    The 2 x K table of counts is tested for independence; outcomes whose expected count (under the pooled
+    distribution) is below ``min_count`` in either sample are pooled into one cell."""
+    ca, cb = Counter(a), Counter(b)
+    na, nb = len(a), len(b)
+    n = na + nb
+    cells, pool = [], [0, 0]
+    for key in set(ca) | set(cb):
+        oa, ob = ca.get(key, 0), cb.get(key, 0)
+        tot = oa + ob
+        if min(tot * na / n, tot * nb / n) >= min_count:
+            cells.append((oa, ob))
+        else:
+            pool[0] += oa
+            pool[1] += ob
+    if sum(pool):
+        cells.append(tuple(pool))
+    if len(cells) < 2:
+        return 1.0, 0
+    stat = 0.0
+    for oa, ob in cells:
+        tot = oa + ob
+        for obs, size in ((oa, na), (ob, nb)):
+            if obs:
+                stat += 2 * obs * math.log(obs / (tot * size / n))
+    df = len(cells) - 1
+    p = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    return float(p), df
 
 
 def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, tokens: int = 3, vocab: int = 9,

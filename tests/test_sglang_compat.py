@@ -122,7 +122,9 @@ out = {"name": algo.name, "overlap": algo.supports_overlap,
        "validator": algo.validate_server_args is validate_server_args, "speculative": algo.is_speculative(),
        "eagle": algo.is_eagle(), "draft_kv": algo.has_draft_kv(),
        "hidden": algo.carries_draft_hidden_states(), "topk": algo.need_topk(),
-       "hooks": [(t.name, h is compat._before_post_init) for t, h, _ in HookRegistry._hooks[compat.HOOK_TARGET]]}
+       "hooks": [(t.name, h is compat._before_post_init) for t, h, _ in HookRegistry._hooks[compat.HOOK_TARGET]],
+       "finish_hooks": [(t.name, h is compat._stop_before_length)
+                        for t, h, _ in HookRegistry._hooks[compat.FINISH_HOOK_TARGET]]}
 
 # the hook applied by SGLang's own HookRegistry to a stand-in of ServerArgs (the real one needs SGLang's GPU-side
 # dependencies): the paper's spelling must reach __post_init__ already translated
@@ -165,6 +167,7 @@ def test_plugin_registers_in_sglangs_own_registries(monkeypatch):
     assert out["speculative"] is True and out["eagle"] is False
     assert (out["draft_kv"], out["hidden"], out["topk"]) == (False, False, False)
     assert out["hooks"] == [["BEFORE", True]]  # registered once, despite two register() calls
+    assert out["finish_hooks"] == [["AROUND", True]]
     assert out["post_init"] == {"algo": "ISD", "rows": 7, "dllm": None}
     assert out["env_stride"] == 4
 
@@ -351,6 +354,79 @@ def test_spec_worker_interface_pinned():
     assert runner <= _members("srt/model_executor/model_runner.py", "ModelRunner"), runner
     assert {"vocab_size", "hf_config"} <= _members("srt/configs/model_config.py", "ModelConfig")
     assert "req_to_token" in _members("srt/mem_cache/memory_pool.py", "ReqToTokenPool")
+
+
+# ----------------------------------------------------------------------- compat 4: a stop before the length cap
+class _Finish:
+    def __init__(self, matched):
+        self.matched = matched
+
+
+def _req(output_ids, cap=8, stop=(), eos=(), tok_eos=None, ignore_eos=False):
+    return SimpleNamespace(
+        output_ids=list(output_ids), to_finish=None, finished_reason=None, finished_len=None,
+        sampling_params=SimpleNamespace(max_new_tokens=cap, stop_token_ids=set(stop), ignore_eos=ignore_eos),
+        eos_token_ids=set(eos), tokenizer=SimpleNamespace(eos_token_id=tok_eos, additional_stop_token_ids=None),
+        finished=lambda: False)
+
+
+def test_a_stop_inside_the_step_that_reaches_the_cap_ends_the_request_there(monkeypatch):
+    """SGLang checks the length cap first; the hook ends the request at a stop token before the cap (as AR), and
+    leaves a single-token step, a run short of the cap, a stop at the cap's last position and ignore_eos alone."""
+    import sys
+    import types
+
+    from idlm.inference.sglang_isd.compat import _stop_before_length, first_stop_before_cap
+
+    stub = types.ModuleType("sglang.srt.managers.schedule_batch")
+    stub.FINISH_MATCHED_TOKEN = _Finish
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.schedule_batch", stub)
+    calls = []
+    original = lambda req, n=1: calls.append(n)  # noqa: E731 (SGLang's own method)
+    # a 4-token run [5, 9, 6, 7] crosses the cap of 8 with the stop token 9 at index 5: AR stops there
+    req = _req([1, 2, 3, 4, 5, 9, 6, 7, 8], cap=8, stop=[9])
+    assert first_stop_before_cap(req, 4) == 5
+    _stop_before_length(original, req, 4)
+    assert req.finished_len == 6 and req.finished_reason.matched == 9 and calls == []
+    # the same through eos_token_ids and the tokenizer's EOS
+    for kw in ({"eos": [9]}, {"tok_eos": 9}):
+        assert first_stop_before_cap(_req([1, 2, 3, 4, 5, 9, 6, 7, 8], **kw), 4) == 5
+    # left to SGLang: one token per step, a run that stays under the cap, a stop at the last capped position,
+    # ignore_eos, a stop before the run
+    for req, n in ((_req([1, 2, 3, 4, 5, 6, 7, 9], stop=[9]), 1),
+                   (_req([1, 9, 3, 4], stop=[9]), 3),
+                   (_req([1, 2, 3, 4, 5, 6, 7, 9, 1], stop=[9]), 3),
+                   (_req([1, 2, 3, 4, 5, 9, 6, 7, 8], stop=[9], ignore_eos=True), 4),
+                   (_req([9, 2, 3, 4, 5, 6, 7, 8], stop=[9]), 3)):
+        assert first_stop_before_cap(req, n) is None
+        calls.clear()
+        _stop_before_length(original, req, n)
+        assert calls == [n] and req.finished_len is None
+
+
+@needs_source
+def test_stop_before_length_hook_pinned():
+    """SGLang's finish check, as the hook relies on it: the method and its signature, the length check before the
+    stop tokens, a length finish keeping output_ids[:max_new_tokens], and the stop attributes `_is_stop_token`
+    reads."""
+    module, cls, method = compat.FINISH_HOOK_TARGET.rsplit(".", 2)
+    rel = module[len("sglang."):].replace(".", "/") + ".py"
+    tree = _tree(rel)
+    fn = _function(_class(tree, cls), method)
+    assert _params(fn) == ["self", "new_accepted_len"]
+    body = ast.get_source_segment(read_source(SRC, rel), fn)
+    length = body.index("if len(self.output_ids) >= self.sampling_params.max_new_tokens:")
+    assert length < body.index("self._check_token_based_finish(") and "self.finished_len = self.sampling_params" \
+        ".max_new_tokens" in body
+    text = read_source(SRC, rel)
+    assert "return self.output_ids[: self.finished_len]" in text
+    check = ast.get_source_segment(text, _function(_class(tree, cls), "_check_token_based_finish"))
+    for needle in ("self.sampling_params.ignore_eos", "self.sampling_params.stop_token_ids", "self.eos_token_ids",
+                   "self.tokenizer.eos_token_id", "self.tokenizer.additional_stop_token_ids",
+                   "FINISH_MATCHED_TOKEN(matched=token_id)", "self.finished_len = matched_pos + 1"):
+        assert needle in check, needle
+    assert {"to_finish", "finished_reason", "finished_len", "output_ids"} <= _members(rel, cls)
+    assert "AROUND" in _members("srt/plugins/hook_registry.py", "HookType")
 
 
 @needs_source

@@ -18,6 +18,15 @@ tests/test_sglang_compat.py::test_sglang_internals_pinned, which fails when the 
    backend reads nothing from it). Relies on that method, the runner's ``num_tokens_per_bs`` and ``model_runner``,
    and flashinfer calling ``spec_info.generate_attn_arg_prefill``.
 
+4. `install_stop_before_length`: a stop token inside the step that reaches ``max_new_tokens``. SGLang's
+   ``Req.update_finish_state(new_accepted_len)`` checks the length cap before stop tokens, and a length finish
+   keeps ``output_ids[:max_new_tokens]``; when one verify step's accepted run crosses the cap with a stop token
+   before it, the output ran on past the stop, which AR decoding never does (every speculative algorithm of
+   SGLang 0.5.15 has this). An AROUND hook ends such a request at the stop token, as AR would, and leaves every
+   other case to SGLang. Relies on the method's name and signature, the order of its checks, ``finished_len``
+   and the stop-token attributes `_is_stop_token` reads (the same as SGLang's ``_check_token_based_finish``).
+   Stop strings are left to SGLang.
+
 Nothing here imports SGLang at module level (the patches are tested on CPU with stand-ins and, where the SGLang
 source is at hand, with SGLang's own hook registry).
 """
@@ -154,3 +163,57 @@ def gqa_verify_fwd(fallback):
         return True
 
     return run
+
+
+# ------------------------------------------------------------------- 4. a stop token inside the last multi-token step
+FINISH_HOOK_TARGET = "sglang.srt.managers.schedule_batch.Req.update_finish_state"
+
+
+def _is_stop_token(req, token_id: int) -> bool:
+    """Whether ``token_id`` ends ``req`` (SGLang's ``Req._check_token_based_finish`` rule, ignore_eos aside)."""
+    sp = req.sampling_params
+    if sp.stop_token_ids and token_id in sp.stop_token_ids:
+        return True
+    if req.eos_token_ids and token_id in req.eos_token_ids:
+        return True
+    tok = req.tokenizer
+    if tok is not None:
+        if token_id == tok.eos_token_id:
+            return True
+        extra = getattr(tok, "additional_stop_token_ids", None)
+        if extra and token_id in extra:
+            return True
+    return False
+
+
+def first_stop_before_cap(req, new_accepted_len: int) -> int | None:
+    """The index in ``req.output_ids`` of the first stop token of the last ``new_accepted_len`` tokens that lies
+    before the cap's last position, when that run reached ``max_new_tokens``; else None. (A stop at the cap's last
+    position finishes by length in AR decoding too.)"""
+    cap = req.sampling_params.max_new_tokens
+    n = len(req.output_ids)
+    if new_accepted_len <= 1 or cap is None or n < cap or req.sampling_params.ignore_eos:
+        return None
+    for i in range(max(n - new_accepted_len, 0), cap - 1):
+        if _is_stop_token(req, req.output_ids[i]):
+            return i
+    return None
+
+
+def _stop_before_length(original, req, new_accepted_len: int = 1):
+    """AROUND hook on ``Req.update_finish_state(self, new_accepted_len=1)``."""
+    if not req.finished() and req.to_finish is None:
+        i = first_stop_before_cap(req, new_accepted_len)
+        if i is not None:
+            from sglang.srt.managers.schedule_batch import FINISH_MATCHED_TOKEN
+
+            req.finished_reason = FINISH_MATCHED_TOKEN(matched=req.output_ids[i])
+            req.finished_len = i + 1
+            return None
+    return original(req, new_accepted_len)
+
+
+def install_stop_before_length() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(FINISH_HOOK_TARGET, _stop_before_length, HookType.AROUND)

@@ -30,7 +30,12 @@ def register() -> None:
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sglang.srt.speculative.spec_registry import CustomSpecAlgo
 
-    from .compat import check_sglang_version, install_capture_spec_info, install_dllm_spelling
+    from .compat import (
+        check_sglang_version,
+        install_capture_spec_info,
+        install_dllm_spelling,
+        install_stop_before_length,
+    )
 
     check_sglang_version()
 
@@ -55,5 +60,6 @@ def register() -> None:
                                   spec_class=ISDSpecAlgo)(_worker_factory)
     install_dllm_spelling()
     install_capture_spec_info()
+    install_stop_before_length()
     _registered = True
     log.info("idlm: registered --speculative-algorithm %s", ALGORITHM_NAME)

@@ -85,6 +85,33 @@ def test_sampled_bad_and_disconnect(servers):
     assert len(output_ids(generate(isd.url, [[9, 8, 7]], 8)[0])) == 8 and isd.alive()
 
 
+def test_sampled_outputs_with_a_stop_token_follow_ar(servers):
+    """Sampled ISD at the paper's protocol, through the whole server, with a stop token that ends most outputs
+    early: the lengths and the first tokens have AR's distribution. Tokens after a stop that lands inside a
+    multi-token step must go, and nothing else may change (the other sampled GPU tests run with ignore_eos)."""
+    from collections import Counter
+
+    from tests.isd_helpers import g_test_two_sample
+
+    isd, ar = servers
+    prompt, n = [11, 12, 13], 1500
+    paper = {"temperature": 1.0, "top_p": 0.95, "top_k": 50}
+    probe = [output_ids(r) for r in generate(ar.url, [prompt] * 200, 16, **paper)]
+    stop = Counter(t for ids in probe for t in ids[2:]).most_common(1)[0][0]  # a token the model emits often
+    params = {**paper, "ignore_eos": False, "stop_token_ids": [stop]}
+    got = [output_ids(r) for r in generate(isd.url, [prompt] * n, 24, **params)]
+    want = [output_ids(r) for r in generate(ar.url, [prompt] * n, 24, **params)]
+    stopped = sum(len(ids) < 24 for ids in want)
+    assert stopped > n // 4, f"the stop token {stop} ends only {stopped} of {n} AR outputs early"
+    for ids in got:  # nothing after the stop token
+        assert stop not in ids[:-1], ids
+    p_len, df_len = g_test_two_sample([len(x) for x in got], [len(x) for x in want])
+    p_head, df_head = g_test_two_sample([tuple(x[:3]) for x in got], [tuple(x[:3]) for x in want])
+    assert df_len >= 5 and df_head >= 5
+    assert p_len > 1e-3, f"output lengths differ from AR's: G test p = {p_len:.2e} over {df_len} dof"
+    assert p_head > 1e-3, f"first three tokens differ from AR's: G test p = {p_head:.2e} over {df_head} dof"
+
+
 def test_risd_equals_base_ar(tiny, servers, tmp_path_factory):
     """R-ISD under SGLang: the same weights served as a base model with a random gated LoRA on the MASK rows."""
     import json
