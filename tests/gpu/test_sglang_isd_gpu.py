@@ -87,7 +87,7 @@ def test_sampled_bad_and_disconnect(servers):
 
 def test_sampled_outputs_with_a_stop_token_follow_ar(servers):
     """Sampled ISD at the paper's protocol, through the whole server, with a stop token that ends most outputs
-    early: the lengths and the first tokens have AR's distribution. Tokens after a stop that lands inside a
+    early: the lengths and the first two tokens have AR's distribution. Tokens after a stop that lands inside a
     multi-token step must go, and nothing else may change (the other sampled GPU tests run with ignore_eos)."""
     from collections import Counter
 
@@ -106,10 +106,10 @@ def test_sampled_outputs_with_a_stop_token_follow_ar(servers):
     for ids in got:  # nothing after the stop token
         assert stop not in ids[:-1], ids
     p_len, df_len = g_test_two_sample([len(x) for x in got], [len(x) for x in want])
-    p_head, df_head = g_test_two_sample([tuple(x[:3]) for x in got], [tuple(x[:3]) for x in want])
-    assert df_len >= 5 and df_head >= 5
+    p_head, df_head = g_test_two_sample([tuple(x[:2]) for x in got], [tuple(x[:2]) for x in want])
+    assert df_len >= 5 and df_head >= 3
     assert p_len > 1e-3, f"output lengths differ from AR's: G test p = {p_len:.2e} over {df_len} dof"
-    assert p_head > 1e-3, f"first three tokens differ from AR's: G test p = {p_head:.2e} over {df_head} dof"
+    assert p_head > 1e-3, f"first two tokens differ from AR's: G test p = {p_head:.2e} over {df_head} dof"
 
 
 def test_risd_equals_base_ar(tiny, servers, tmp_path_factory):
