@@ -135,12 +135,12 @@ def _chunk_mixed(h, weight, bias, th, t_weight, t_bias, targets, mix: float, wan
     hard = -logq.gather(1, targets[:, None]).sum()
     soft = -torch.dot(p.view(-1), logq.view(-1))
     grad = logq.exp_()  # q, in place of the log-probs (no longer needed)
-    below = torch.lt(grad, p)  # S, bool
     gap = grad.shape[0] - torch.minimum(grad, p).sum()
     mixed = (1.0 - mix) * hard + mix * soft + accept * gap
     if not want_grad:
         return (mixed, hard, soft, entropy, gap), None
     if accept > 0:
+        below = torch.lt(grad, p)  # S, bool
         q_below = (grad * below).sum(-1, keepdim=True)  # q(S) per row
         extra = grad * (q_below - below.to(grad.dtype))
     grad.sub_(p, alpha=mix)

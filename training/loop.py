@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from idlm.checkpoint import load_causal_lm, load_idlm
-from idlm.config import IDLMConfig, ObjectiveConfig, write_idlm_config
+from idlm.config import IDLMConfig, write_idlm_config
 from idlm.errors import UserError
 from idlm.lora import DEFAULT_TARGETS, GatedLoRAConfig, attach_gate, free_mask_row, mask_row_of_token
 from idlm.objective import Teacher, count_targets, idlm_loss
@@ -179,9 +179,7 @@ def run_loop_stage(plan, stage) -> None:
     conversations = [conv for f in files for conv in load_chat_jsonl(f)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(int(_lf_number(lf, "seed", 42)))
-    objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align,
-                                distill_kl=s.distill_kl, distill_soft=s.distill_soft,
-                                distill_accept=s.distill_accept)
+    objective = s.objective()
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_file = plan.log_file

@@ -118,6 +118,12 @@ class StageSettings:
     teacher: str | None = None  # path (or hub id) of the frozen teacher when a distill_* weight is > 0
     mask_token: str | None = None  # gated_lora: MASK given as a token string
 
+    def objective(self) -> ObjectiveConfig:
+        """This stage's objective settings (one place for both trainers)."""
+        return ObjectiveConfig(alpha=self.alpha, auto_balance=self.auto_balance, block_align=self.block_align,
+                               distill_kl=self.distill_kl, distill_soft=self.distill_soft,
+                               distill_accept=self.distill_accept)
+
 
 @dataclass
 class Stage:
@@ -391,7 +397,7 @@ def resolve_recipe(path: str | Path, overrides: list[str] | None = None) -> Plan
             lf["model_name_or_path"] = prev_dir
         if first_model is None:
             first_model = lf["model_name_or_path"]
-        if settings.distill_kl > 0 or settings.distill_soft > 0 or settings.distill_accept > 0:
+        if settings.objective().uses_teacher:
             teacher = merged.get("teacher")
             settings.teacher = (resolve_path(str(teacher), recipe_dir) or str(teacher)) if teacher else first_model
         lf["output_dir"] = settings.output_dir

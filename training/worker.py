@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from idlm.config import IDLMConfig, ObjectiveConfig, read_idlm_config, write_idlm_config
+from idlm.config import IDLMConfig, read_idlm_config, write_idlm_config
 from idlm.errors import UserError
 from idlm.lora import GatedLoRAConfig, attach_gate, free_mask_row, mask_row_of_token
 from idlm.objective import Teacher
@@ -167,9 +167,7 @@ def run_stage(plan_path: str, index: int, resume: str | None) -> None:
 
 def _stage_config(model, tokenizer, s):
     """(IDLMConfig of this stage, GatedLoRAConfig or None)."""
-    objective = ObjectiveConfig(alpha=s.alpha, auto_balance=s.auto_balance, block_align=s.block_align,
-                                distill_kl=s.distill_kl, distill_soft=s.distill_soft,
-                                distill_accept=s.distill_accept)
+    objective = s.objective()
     rows = model.get_input_embeddings().weight.shape[0]
     if s.finetuning == "gated_lora":
         mask_id = s.mask_token_id if s.mask_token_id is not None else free_mask_row(tokenizer, rows)
