@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from idlm.ceiling import draft_ceiling  # noqa: E402
 from idlm.config import IDLMConfig, ObjectiveConfig  # noqa: E402
-from idlm.inference.engine import ISDEngine, SamplingParams, mean_acceptance  # noqa: E402
+from idlm.inference.engine import ISDEngine, SamplingParams, mean_acceptance, pooled_tpf  # noqa: E402
 from idlm.losses import IGNORE_INDEX  # noqa: E402
 from idlm.objective import Teacher, idlm_loss  # noqa: E402
 from idlm.tiny import tiny_config  # noqa: E402
@@ -104,8 +104,7 @@ def measure(model, teacher_model, held: torch.Tensor, prompt_len: int, stride: i
         lp = torch.log_softmax(teacher_model(input_ids=row[None]).logits[0].float(), -1)
         lq = torch.log_softmax(model(input_ids=row[None]).logits[0].float(), -1)
         kl += float((lp.exp() * (lp - lq)).sum(-1)[prompt_len - 1:-1].mean())
-    tpf = sum(o.tpf * o.forwards for o in outs) / max(sum(o.forwards for o in outs), 1)
-    return {"tpf": tpf, "acceptance": acc, "ceiling": ceil / n, "marginal": marg / n, "kl_clean": kl / 64}
+    return {"tpf": pooled_tpf(outs), "acceptance": acc, "ceiling": ceil / n, "marginal": marg / n, "kl_clean": kl / 64}
 
 
 def plot(result: dict, path: str) -> None:
