@@ -7,7 +7,11 @@
    the first differing token (a bf16 near-tie) or flagged. Also: a sampled request, a bad request
    and a client that disconnects mid-stream leave the server serving.
 2. speed (if time allows): Qwen3-8B-shaped dummy weights, ISD N = 4 vs SGLang AR, C = 1, 8, 32, 64, with
-   `idlm bench throughput --api sglang`; docs/results/serving_h100.json and .md into $OUT.
+   `idlm bench throughput --api sglang`; docs/results/serving_h100.json and .md into $OUT. With --backends A,B
+   (IDLM_SGLANG_BACKENDS) an ISD and an AR server per attention backend, all timed in the same run, and
+   docs/results/serving_backends.{json,md}: each ISD backend's step against each AR backend's and against the
+   faster AR at each C (`backend_ratios`), greedy and, with BENCH_SAMPLED, sampled; the step-ratio checks use the
+   faster ISD backend against the faster AR one (issue targets: `STEP_RATIO_TARGETS`).
 
 All four servers start at once (start-ups dominate the budget); KV pools are capped with --max-total-tokens and
 --mem-fraction-static is set so that concurrent memory profiling cannot starve one server (docs/serving.md).
@@ -50,6 +54,9 @@ SAMPLED = tuple(float(x) if i < 2 else int(x) for i, x in enumerate(os.environ["
     if os.environ.get("BENCH_SAMPLED") else None
 SUMMARY: list[str] = []
 REPORT: dict = {"checks": {}, "errors": []}
+# ISD step / AR step at the paper's shape on one H200, against the faster AR backend (greedy, and sampled at the
+# paper's protocol T 1.0, top-p 0.95, top-k 50)
+STEP_RATIO_TARGETS = {"greedy": {32: 1.35, 64: 1.75}, "sampled": {32: 1.40, 64: 1.80}}
 
 
 def elapsed() -> float:
@@ -198,47 +205,132 @@ def phase_correctness(tiny: Path, vocab: int, isd: SGLangServer, ar: SGLangServe
 
 
 # ------------------------------------------------------------------------------------------------- speed
-def phase_speed(isd: SGLangServer, ar: SGLangServer, timeout: float, out: Path, levels: list[int],
-                output_len: int) -> None:
+def _bench(server: SGLangServer, algo: str, levels: list[int], output_len: int, timeout: float,
+           sampled: tuple | None) -> dict:
     from idlm.eval.throughput import BenchConfig, run_bench
 
-    benches = {}
-    for s, algo in ((isd, "isd"), (ar, "ar")):
-        say(f"waiting for {s.name}")
-        s.wait_ready(timeout)
-        say(f"{s.name} ready after {s.ready_s:.0f} s; benchmarking C={levels}")
-        cfg = BenchConfig(base_url=s.url, concurrency=levels, input_len=512, output_len=output_len, api="sglang",
-                          engine="sglang", algorithm=algo, stride=4 if algo == "isd" else 1,
-                          num_prompts=None, timeout=300)
-        res = asyncio.run(run_bench(cfg))
-        res["model"] = "Qwen3-8B shape, random weights (--load-format dummy)"
-        (out / f"bench_{algo}.json").write_text(json.dumps(res, indent=2))
-        benches[algo] = res
-        if SAMPLED:  # the same levels with sampled requests (informational: no target)
-            t, p, k = SAMPLED
-            sampled = asyncio.run(run_bench(dataclasses.replace(cfg, temperature=t, top_p=p, top_k=k)))
-            (out / f"bench_{algo}_sampled.json").write_text(json.dumps(sampled, indent=2))
-            benches[f"{algo}_sampled"] = sampled
-        for e in [*res["results"], *benches.get(f"{algo}_sampled", {}).get("results", [])]:
-            if e.get("errors"):
-                REPORT["errors"].append(f"{algo} C={e['concurrency']}: {e.get('error_examples')}")
-    if SAMPLED:
-        _, sampled_table = serving_results(benches["isd_sampled"], benches["ar_sampled"], levels)
-        REPORT["speed_sampled"] = {"sampling": SAMPLED, "table": sampled_table}
-        say(f"sampled requests (temperature, top_p, top_k = {SAMPLED}):\n{sampled_table}")
-    result, table = serving_results(benches["isd"], benches["ar"], levels)
+    say(f"waiting for {server.name}")
+    server.wait_ready(timeout)
+    say(f"{server.name} ready after {server.ready_s:.0f} s; benchmarking C={levels}"
+        + (f", sampled {sampled}" if sampled else ""))
+    cfg = BenchConfig(base_url=server.url, concurrency=levels, input_len=512, output_len=output_len, api="sglang",
+                      engine="sglang", algorithm=algo, stride=4 if algo == "isd" else 1, num_prompts=None,
+                      timeout=300)
+    if sampled:
+        t, p, k = sampled
+        cfg = dataclasses.replace(cfg, temperature=t, top_p=p, top_k=k)
+    res = asyncio.run(run_bench(cfg))
+    res["model"] = "Qwen3-8B shape, random weights (--load-format dummy)"
+    for e in res["results"]:
+        if e.get("errors"):
+            REPORT["errors"].append(f"{server.name} C={e['concurrency']}: {e.get('error_examples')}")
+    return res
+
+
+def phase_speed(pairs: dict[str, tuple[SGLangServer, SGLangServer]], timeout: float, out: Path, levels: list[int],
+                output_len: int) -> None:
+    """pairs: attention backend -> (ISD server, AR server), the first one the run's main backend (its benches keep
+    the names bench_isd.json / bench_ar.json and fill serving_h100.{json,md}). Every server is timed in turn, greedy
+    and (BENCH_SAMPLED) sampled."""
+    benches: dict[tuple[str, str, str], dict] = {}  # (backend, algo, "greedy" | "sampled") -> bench result
+    main_backend = next(iter(pairs))
+    for backend, (isd, ar) in pairs.items():
+        suffix = "" if backend == main_backend else f"_{backend}"
+        for s, algo in ((isd, "isd"), (ar, "ar")):
+            for mode, sampled in (("greedy", None), ("sampled", SAMPLED)):
+                if mode == "sampled" and not SAMPLED:
+                    continue
+                res = _bench(s, algo, levels, output_len, timeout, sampled)
+                name = f"bench_{algo}{'_sampled' if sampled else ''}{suffix}.json"
+                (out / name).write_text(json.dumps(res, indent=2))
+                benches[(backend, algo, mode)] = res
     res_dir = out / "docs" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
+    if SAMPLED:
+        _, sampled_table = serving_results(benches[(main_backend, "isd", "sampled")],
+                                           benches[(main_backend, "ar", "sampled")], levels)
+        REPORT["speed_sampled"] = {"sampling": SAMPLED, "table": sampled_table}
+        say(f"sampled requests (temperature, top_p, top_k = {SAMPLED}):\n{sampled_table}")
+    result, table = serving_results(benches[(main_backend, "isd", "greedy")], benches[(main_backend, "ar", "greedy")],
+                                    levels)
     (res_dir / "serving_h100.json").write_text(json.dumps(result, indent=2) + "\n")
     (res_dir / "serving_h100.md").write_text(table)
     REPORT["speed"] = result
-    ratios = result["isd_step_over_ar_step"]
-    for c, target in ((32, 1.4), (64, 2.1)):
-        if c in levels:
-            r = ratios.get(str(c))
-            check(f"isd_step_ratio_C{c}", r is not None and r <= target,
-                  f"ISD step / AR step = {_fmt(r, 2)} (target <= {target})")
     say(table)
+    steps = {key: {e["concurrency"]: e.get("step_ms") for e in res["results"]} for key, res in benches.items()}
+    cross, cross_table = backend_ratios(steps, levels, STEP_RATIO_TARGETS)
+    cross.update({"device": REPORT.get("gpu"), "sglang": SGLANG_VERSION, "sampling": SAMPLED,
+                  "model": result["model"], "output_len": output_len,
+                  "command": "IDLM_SGLANG_BACKENDS=A,B BENCH_SAMPLED=T,P,K PHASES=2 "
+                             "bash scripts/dev/sglang_gpu_check.sh"})
+    (res_dir / "serving_backends.json").write_text(json.dumps(cross, indent=2) + "\n")
+    (res_dir / "serving_backends.md").write_text(cross_table)
+    REPORT["speed_backends"] = cross
+    say(cross_table)
+    for mode, targets in STEP_RATIO_TARGETS.items():
+        best = cross["best"].get(mode)
+        if best is None:
+            continue
+        for c, target in targets.items():
+            r = best["ratio"].get(str(c))
+            check(f"isd_step_ratio_{mode}_C{c}", r is not None and r <= target,
+                  f"ISD step ({best['isd_backend']}) / faster AR step = {_fmt(r, 2)} (target <= {target})")
+
+
+def backend_ratios(steps: dict[tuple[str, str, str], dict[int, float | None]], levels: list[int],
+                   targets: dict[str, dict[int, float]]) -> tuple[dict, str]:
+    """ISD step / AR step across attention backends, from one run's measured step times.
+
+    steps: (backend, "isd" | "ar", "greedy" | "sampled") -> {concurrency: step ms (None if not measured)}.
+    Returns (JSON, markdown). The JSON has, per mode, ``pairs[isd_backend][ar_backend][C]`` (each ISD backend against
+    each AR backend), ``faster_ar[C]`` (the AR backend with the shorter step at C and its ms) and ``best``: the ISD
+    backend whose ratio to the faster AR is lowest at the largest C with a target (the one to serve by default), with
+    its ``ratio[C]`` against the faster AR at every C.
+    """
+    out: dict = {"levels": levels, "targets": {m: {str(c): t for c, t in tg.items()} for m, tg in targets.items()},
+                 "pairs": {}, "faster_ar": {}, "best": {}}
+    lines: list[str] = []
+    for mode in ("greedy", "sampled"):
+        isd_b = sorted({b for b, a, m in steps if a == "isd" and m == mode})
+        ar_b = sorted({b for b, a, m in steps if a == "ar" and m == mode})
+        if not isd_b or not ar_b:
+            continue
+        faster: dict[str, dict] = {}
+        for c in levels:
+            have = [(steps[(b, "ar", mode)].get(c), b) for b in ar_b if steps[(b, "ar", mode)].get(c)]
+            if have:
+                ms, b = min(have)
+                faster[str(c)] = {"backend": b, "step_ms": ms}
+        pairs = {ib: {ab: {str(c): _ratio(steps[(ib, "isd", mode)].get(c), steps[(ab, "ar", mode)].get(c))
+                           for c in levels} for ab in ar_b} for ib in isd_b}
+        vs_faster = {ib: {str(c): _ratio(steps[(ib, "isd", mode)].get(c), faster.get(str(c), {}).get("step_ms"))
+                          for c in levels} for ib in isd_b}
+        key_c = str(max(targets.get(mode, {}) or levels))
+        ranked = sorted((r if (r := vs_faster[ib].get(key_c)) is not None else float("inf"), ib) for ib in isd_b)
+        best = ranked[0][1]
+        out["pairs"][mode], out["faster_ar"][mode] = pairs, faster
+        out["best"][mode] = {"isd_backend": best, "ratio": vs_faster[best]}
+        lines += [f"**{mode}**: ISD step / AR step (N = 4), each ISD backend against each AR backend and against the "
+                  f"faster AR at each C", "",
+                  "| ISD backend | against | " + " | ".join(f"C = {c}" for c in levels) + " |",
+                  "| --- | --- |" + " --- |" * len(levels)]
+        for ib in isd_b:
+            for ab in ar_b:
+                lines.append(f"| {ib} | {ab} AR | " + " | ".join(_fmt(pairs[ib][ab][str(c)], 2) for c in levels)
+                             + " |")
+            lines.append(f"| {ib} | the faster AR | " + " | ".join(_fmt(vs_faster[ib][str(c)], 2) for c in levels)
+                         + " |")
+        lines.append("| | faster AR: backend, step ms | " + " | ".join(
+            f"{faster[str(c)]['backend']} {faster[str(c)]['step_ms']:.2f}" if str(c) in faster else "-"
+            for c in levels) + " |")
+        tg = targets.get(mode, {})
+        lines.append("| | target | " + " | ".join(f"<= {tg[c]}" if c in tg else "-" for c in levels) + " |")
+        lines.append("")
+    return out, "\n".join(lines)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num and den else None
 
 
 def _fmt(v, d=1) -> str:
@@ -270,7 +362,7 @@ def serving_results(bench_isd: dict, bench_ar: dict, levels: list[int],
               "attention_backend": REPORT.get("attention_backend", "triton"),
               "dataset": "random-512in", "max_tokens": bench_isd.get("max_tokens"), "results": rows,
               "isd_step_over_ar_step": {str(c): r for c, r in ratios.items()},
-              "targets": {"32": 1.4, "64": 2.1},
+              "targets": {str(c): t for c, t in STEP_RATIO_TARGETS["greedy"].items()},
               "command": "bash scripts/dev/final_gpu_run.sh (runs scripts/dev/sglang_gpu_check.sh)"}
     lines = ["| engine | algorithm | N | C | tok/s total | tok/s per request | step ms | TTFT ms | TPF |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -304,10 +396,13 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", "560")),
                     help="seconds this script may use (it skips phase 2 when too little is left)")
     ap.add_argument("--startup-timeout", type=float, default=330)
-    ap.add_argument("--levels", default="1,8,32,64")
+    ap.add_argument("--levels", default=os.environ.get("LEVELS", "1,8,32,64"), help="concurrencies of the speed phase")
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--attention-backend", default=os.environ.get("IDLM_SGLANG_ATTENTION", "triton"),
                     choices=["triton", "flashinfer"], help="every server's --attention-backend (ISD, AR, R-ISD)")
+    ap.add_argument("--backends", default=os.environ.get("IDLM_SGLANG_BACKENDS"),
+                    help="speed phase only: comma-separated attention backends (triton, flashinfer), an ISD and an "
+                         "AR 8B server for each, all timed in one run (default: --attention-backend alone)")
     ap.add_argument("--mem-fraction", type=float, default=float(os.environ.get("IDLM_SGLANG_MEM_FRACTION", "0.8")),
                     help="--mem-fraction-static of each server (lower it when other work shares the GPU)")
     ap.add_argument("--train-steps", type=int, default=int(os.environ.get("TRAIN_STEPS", "300")),
@@ -340,15 +435,23 @@ def main() -> int:
         mem = ["--mem-fraction-static", str(args.mem_fraction)]
         small = backend + mem + ["--max-total-tokens", "60000", "--max-running-requests", "64",
                                  "--cuda-graph-max-bs", "64", "--dtype", "bfloat16"]
-        bigf = backend + mem + ["--load-format", "dummy", "--max-total-tokens", "60000",
-                                "--max-running-requests", "64", "--cuda-graph-max-bs", "64", "--dtype", "bfloat16",
-                                "--context-length", "4096"]
+        big_common = mem + ["--load-format", "dummy", "--max-total-tokens", "60000", "--max-running-requests", "64",
+                            "--cuda-graph-max-bs", "64", "--dtype", "bfloat16", "--context-length", "4096"]
+        # the run's backend first (its servers keep the names 8b-isd / 8b-ar), then any other --backends
+        asked = [b.strip() for b in (args.backends or "").split(",") if b.strip()]
+        speed_backends = [args.attention_backend] + [b for b in dict.fromkeys(asked) if b != args.attention_backend]
+        for b in speed_backends:
+            if b not in ("triton", "flashinfer"):
+                raise SystemExit(f"--backends: unknown attention backend {b!r} (triton, flashinfer)")
+        REPORT["speed_backends_asked"] = speed_backends
         yaml4 = ROOT / "configs/inference/idlm_blockN4.yaml"
         profile_env = {"IDLM_ISD_PROFILE": str(args.profile)} if args.profile else {}
         if 2 in phases:  # the 8B servers start first: their start-up is the longest
-            servers += [SGLangServer("8b-isd", str(big), 30013, isd_flags(4) + bigf, out / "logs/8b_isd.log",
-                                     env=profile_env),
-                        SGLangServer("8b-ar", str(big), 30014, bigf, out / "logs/8b_ar.log")]
+            for i, b in enumerate(speed_backends):
+                tag, bigf = ("" if i == 0 else f"-{b}"), ["--attention-backend", b] + big_common
+                servers += [SGLangServer(f"8b-isd{tag}", str(big), 30013 + 10 * i, isd_flags(4) + bigf,
+                                         out / f"logs/8b_isd{tag}.log", env=profile_env),
+                            SGLangServer(f"8b-ar{tag}", str(big), 30014 + 10 * i, bigf, out / f"logs/8b_ar{tag}.log")]
             for s in servers:
                 say(f"starting {s.name}: log {s.log_path}")
                 s.start()
@@ -381,7 +484,9 @@ def main() -> int:
                 check("speed_phase", False, f"skipped: only {left:.0f} s of the budget left (run with PHASES=2)")
             else:
                 # start-up timeouts count from each server's launch; the AR sweep takes ~30 s after it is up
-                phase_speed(by["8b-isd"], by["8b-ar"], elapsed() + max(60.0, left - 45), out, levels, args.output_len)
+                pairs = {b: (by[f"8b-isd{tag}"], by[f"8b-ar{tag}"])
+                         for i, b in enumerate(speed_backends) for tag in ["" if i == 0 else f"-{b}"]}
+                phase_speed(pairs, elapsed() + max(60.0, left - 45), out, levels, args.output_len)
     except Exception as exc:
         REPORT["errors"].append("".join(traceback.format_exception(exc))[-4000:])
         SUMMARY.append(f"ERROR {type(exc).__name__}: {str(exc)[:2000]}")

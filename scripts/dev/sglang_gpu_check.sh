@@ -11,9 +11,12 @@
 #      requests; a bad request and a disconnect;
 #   2. Qwen3-8B-shaped dummy weights: ISD N=4 vs SGLang AR step time at C=1,8,32,64 -> $OUT/docs/results/.
 # Env: IDLM_SGLANG_ATTENTION=triton|flashinfer (every server's attention backend, default triton),
+# IDLM_SGLANG_BACKENDS=flashinfer,triton (phase 2: an ISD and an AR 8B server per backend, all started at once and
+# timed in one run; $OUT/docs/results/serving_backends.{json,md}: ISD against the faster AR at each C; e.g.
+# IDLM_SGLANG_ATTENTION=flashinfer IDLM_SGLANG_BACKENDS=triton BENCH_SAMPLED=1.0,0.95,50 PHASES=2 BUDGET_S=560),
 # IDLM_SGLANG_MEM_FRACTION (each server's --mem-fraction-static, default 0.8; lower it when other work shares the GPU),
 # PHASES=1,2 (default), BUDGET_S (seconds for the whole check, default 570; phase 2 is skipped when too little is left),
-# OUT (default outputs/sglang_gpu_check), BENCH_SAMPLED=T,P,K (also time sampled requests),
+# OUT (default outputs/sglang_gpu_check), BENCH_SAMPLED=T,P,K (also time sampled requests), LEVELS=1,8,32,64,
 # IDLM_ISD_VERIFY_ATTENTION=splitkv|gqa|prefill (the ISD servers inherit it: exactness and speed of that kernel).
 # Output: $OUT/sglang_gpu_check.json, $OUT/logs/*.log (server logs), $OUT/docs/results/serving_h100.{json,md};
 # a summary block is printed last; exit code 1 on any failed check.
