@@ -1,14 +1,21 @@
-"""Engine-independent references for the ISD tests: naive AR decoding, exact AR distributions, a G test."""
+"""Engine-independent references for the ISD tests: naive AR decoding, exact AR distributions, G tests, a bigram
+model driving the SGLang stepper, and the choice of a stop token that spreads sampled output lengths."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from idlm.sampling import process_logits
+from idlm.sampling import BatchHints, process_logits
+
+if TYPE_CHECKING:
+    from idlm.inference.sglang_isd.stepper import SamplingView
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,45 +119,85 @@ def g_test_two_sample(a: list, b: list, min_count: float = 5.0) -> tuple[float, 
     return float(p), df
 
 
+@dataclass
+class BigramModel:
+    """A model whose row logits depend on its input token and position only (the KV cache is implicit), at the
+    paper's kind of sampling (temperature with top-k and top-p both set), and the token its prompt's prefill emits
+    (the most likely one: every request conditioned on it shares the prompt's cache)."""
+
+    table: torch.Tensor  # [V, V] logits by input token
+    pos_bias: torch.Tensor  # [64, V] logits by position
+    temperature: float
+    top_k: int
+    top_p: float
+    mask: int
+    prompt_len: int = 5
+    prompt_last: int = 2
+    first: int = -1
+
+    @classmethod
+    def random(cls, device: str, vocab: int = 9, temperature: float = 1.0, top_k: int = 6, top_p: float = 0.95,
+               seed: int = 0, token_scale: float = 1.5, pos_scale: float = 0.5) -> BigramModel:
+        """Random logits, ``token_scale`` by input token plus ``pos_scale`` by position: where the position's part
+        dominates, the MASK rows (which see no token) draft well and steps accept more."""
+        gen = torch.Generator().manual_seed(seed)
+        mask = vocab - 1
+        table = torch.randn(vocab, vocab, generator=gen, dtype=torch.float64) * token_scale
+        table[:, mask] = -30.0  # the MASK token is never a likely output
+        pos_bias = torch.randn(64, vocab, generator=gen, dtype=torch.float64) * pos_scale
+        model = cls(table.to(device), pos_bias.to(device), temperature, top_k, top_p, mask)
+        dev = model.table.device
+        first_p = model.probs(model.logits(torch.tensor([[model.prompt_last]], device=dev),
+                                           torch.tensor([[model.prompt_len - 1]], device=dev)))[0, 0]
+        model.first = int(first_p.argmax())
+        return model
+
+    @property
+    def vocab(self) -> int:
+        return self.table.shape[0]
+
+    def logits(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # the model: [B, R] -> [B, R, V]
+        return (self.table[ids] + self.pos_bias[pos]).float()
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        b, dev = logits.shape[0], logits.device
+        return process_logits(logits.double(), torch.full((b,), self.temperature, dtype=torch.float64, device=dev),
+                              torch.full((b,), self.top_k, device=dev),
+                              torch.full((b,), self.top_p, dtype=torch.float64, device=dev))
+
+    def next_probs(self, prefixes: list[tuple[int, ...]]) -> list[list[float]]:
+        """AR's next-token distribution after each of ``prefixes`` (the tokens emitted so far, first one included)."""
+        dev = self.table.device
+        last = torch.tensor([[s[-1]] for s in prefixes], device=dev)
+        pos = torch.tensor([[self.prompt_len + len(s) - 1] for s in prefixes], device=dev)
+        return self.probs(self.logits(last, pos))[:, 0].tolist()
+
+    def sampling(self, n: int) -> SamplingView:
+        from idlm.inference.sglang_isd.stepper import SamplingView
+
+        dev = self.table.device
+        return SamplingView(torch.full((n,), self.temperature, device=dev), torch.full((n,), self.top_k, device=dev),
+                            torch.full((n,), self.top_p, device=dev),
+                            hints=BatchHints.of([self.temperature], [self.top_k], [self.top_p], self.vocab))
+
+
 def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, tokens: int = 3, vocab: int = 9,
                            temperature: float = 1.0, top_k: int = 6, top_p: float = 0.95, seed: int = 0,
                            fused_verify: bool = False):
-    """The SGLang ISD stepper (`ISDStateTable`) driving ``n`` copies of one request on a bigram model (the logits
-    of a row depend on its input token and position only: the KV cache is implicit), at the paper's kind of
-    sampling (temperature with top-k and top-p both set). Returns (the first ``tokens`` tokens after the prefill's
-    token of each request as tuples, the exact AR distribution of those tuples given that first token)."""
+    """The SGLang ISD stepper (`ISDStateTable`) driving ``n`` copies of one request on a `BigramModel`. Returns (the
+    first ``tokens`` tokens after the prefill's token of each request as tuples, the exact AR distribution of those
+    tuples given that first token)."""
     from idlm.inference.sglang_isd.config import ISDServeConfig
-    from idlm.inference.sglang_isd.stepper import ISDStateTable, SamplingView
-    from idlm.sampling import BatchHints
+    from idlm.inference.sglang_isd.stepper import ISDStateTable
 
-    gen = torch.Generator().manual_seed(seed)
-    mask = vocab - 1
-    table = torch.randn(vocab, vocab, generator=gen, dtype=torch.float64) * 1.5
-    table[:, mask] = -30.0  # the MASK token is never a likely output
-    pos_bias = torch.randn(64, vocab, generator=gen, dtype=torch.float64) * 0.5
-    table, pos_bias = table.to(device), pos_bias.to(device)
-    prompt_last, prompt_len = 2, 5
-
-    def logits_of(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # the model: [B, R] -> [B, R, V]
-        return (table[ids] + pos_bias[pos]).float()
-
-    def probs_of(logits: torch.Tensor) -> torch.Tensor:
-        b = logits.shape[0]
-        return process_logits(logits.double(), torch.full((b,), temperature, dtype=torch.float64, device=device),
-                              torch.full((b,), top_k, device=device),
-                              torch.full((b,), top_p, dtype=torch.float64, device=device))
-
-    first_p = probs_of(logits_of(torch.tensor([[prompt_last]], device=device), torch.tensor([[prompt_len - 1]],
-                                                                                               device=device)))[0, 0]
-    # condition on one first token (SGLang's sampler draws it): every request then shares the prompt's cache
-    first = int(first_p.argmax())
+    bigram = BigramModel.random(device, vocab, temperature, top_k, top_p, seed)
+    mask, prompt_len, first = bigram.mask, bigram.prompt_len, bigram.first
+    logits_of, probs_of = bigram.logits, bigram.probs
     cfg = ISDServeConfig(stride=stride, draft_mode=mode, seed=seed, fused_verify=fused_verify)
     state = ISDStateTable(n, cfg, mask, device, vocab_size=vocab)
     slots = torch.arange(n, device=device)
     state.on_prefill(slots, torch.full((n,), first, device=device))
-    sampling = SamplingView(torch.full((n,), temperature, device=device), torch.full((n,), top_k, device=device),
-                            torch.full((n,), top_p, device=device),
-                            hints=BatchHints.of([temperature], [top_k], [top_p], vocab))
+    sampling = bigram.sampling(n)
     out = torch.full((n, tokens + stride), -1, dtype=torch.long, device=device)
     filled = torch.zeros(n, dtype=torch.long, device=device)
     seq_lens = torch.full((n,), prompt_len, dtype=torch.long, device=device)
@@ -174,3 +221,72 @@ def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, toke
         rows = probs_of(logits_of(last, pos))[:, 0].tolist()
         exact = {s + (v,): exact[s] * pv for s, row in zip(prefixes, rows) for v, pv in enumerate(row) if pv > 0}
     return samples, exact
+
+
+def bigram_stepper_runs(bigram: BigramModel, n: int, finished: Callable[[int, list[int]], bool], stride: int = 3,
+                        mode: str = "argmax", seed: int = 0, max_steps: int = 200) -> int:
+    """The SGLang ISD stepper driving ``n`` copies of ``bigram``'s request, as SGLang's scheduler does: each step's
+    emitted tokens of request i go to ``finished(i, tokens)`` (its first call gets the prefill's token alone), and a
+    request leaves the batch once that returns True (its slot's state then goes stale, as in SGLang). Returns the
+    number of decode steps."""
+    from idlm.inference.sglang_isd.config import ISDServeConfig
+    from idlm.inference.sglang_isd.stepper import ISDStateTable
+
+    dev = bigram.table.device
+    state = ISDStateTable(n, ISDServeConfig(stride=stride, draft_mode=mode, seed=seed), bigram.mask, dev,
+                          vocab_size=bigram.vocab)
+    slots = torch.arange(n, device=dev)
+    state.on_prefill(slots, torch.full((n,), bigram.first, device=dev))
+    seq_lens = torch.full((n,), bigram.prompt_len, dtype=torch.long, device=dev)
+    active = [i for i in range(n) if not finished(i, [bigram.first])]
+    steps = 0
+    while active:
+        if steps == max_steps:
+            raise RuntimeError(f"{len(active)} requests still running after {max_steps} steps")
+        at = torch.tensor(active, device=dev)
+        step = state.build(slots[at], seq_lens[at])
+        res = state.commit(slots[at], step, bigram.logits(step.input_ids, step.position_ids), seq_lens[at],
+                           bigram.sampling(len(active)))
+        seq_lens[at] = res.new_seq_lens
+        emitted = res.next_token_ids.view(len(active), -1).tolist()
+        lens = res.accept_lens.tolist()
+        active = [i for i, row, k in zip(active, emitted, lens) if not finished(i, row[:k])]
+        steps += 1
+    return steps
+
+
+def stop_lengths(outputs: list[list[int]], stop: int, max_new_tokens: int) -> list[int]:
+    """The lengths ``outputs`` (sampled without a stop token) would have with ``stop`` as one: through its first
+    occurrence, at most ``max_new_tokens``."""
+    return [min(ids.index(stop) + 1 if stop in ids else len(ids), max_new_tokens) for ids in outputs]
+
+
+def frequent_outcomes(samples: list, min_share: float) -> int:
+    """How many distinct outcomes each make up at least ``min_share`` of ``samples``."""
+    return sum(c >= min_share * len(samples) for c in Counter(samples).values())
+
+
+def pick_stop_token(outputs: list[list[int]], max_new_tokens: int, min_early: float = 1 / 3,
+                    min_share: float = 0.02) -> tuple[int | None, int]:
+    """The token that, as a stop token, would spread the lengths of ``outputs`` (AR samples drawn without one) over
+    the most values, among the tokens found past their first two positions that would end at least ``min_early``
+    of them before ``max_new_tokens``: (token, how many lengths would each hold ``min_share`` of the outputs), or
+    (None, 0) when no token ends enough of them early. Ties go to the token that ends more outputs early."""
+    best: tuple[int, int, int | None] = (0, 0, None)
+    for tok in sorted({t for ids in outputs for t in ids[2:]}):
+        lengths = stop_lengths(outputs, tok, max_new_tokens)
+        early = sum(x < max_new_tokens for x in lengths)
+        if early < min_early * len(outputs):
+            continue
+        best = max(best, (frequent_outcomes(lengths, min_share), early, tok), key=lambda b: b[:2])
+    return best[2], best[0]
+
+
+def histogram(samples: list, top: int | None = None) -> str:
+    """``samples`` counted, for assertion messages: every outcome in order, or the ``top`` most frequent (the rest
+    summed)."""
+    counts = Counter(samples).most_common()
+    shown = sorted(counts) if top is None else counts[:top]
+    text = ", ".join(f"{k}: {c}" for k, c in shown)
+    rest = sum(c for _, c in counts[len(shown):])
+    return "{" + text + (f", others: {rest}" if rest else "") + "}"

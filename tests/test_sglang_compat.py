@@ -1,7 +1,9 @@
 """The integration against SGLang 0.5.15 itself, on CPU.
 
 * The patches of `compat` (the verify attention kernel swap with a stand-in backend; the paper's spelling through
-  SGLang's own hook registry) and the plugin's registration with SGLang's own algorithm registry.
+  SGLang's own hook registry; the stop before the length cap with a stand-in request and, with ISD's sampled steps,
+  around SGLang's own finish check compiled from its source) and the plugin's registration with SGLang's own
+  algorithm registry.
 * ``*_pinned``: SGLang's source read against every internal the package relies on (the patches in compat.py, the
   names spec_worker.py imports and the attributes it reads, the scheduler contracts, the model layout gated_lora.py
   wraps). They fail when SGLang moves.
@@ -15,8 +17,13 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import re
+import sys
+import types
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional, Union
 
 import pytest
 import torch
@@ -402,6 +409,90 @@ def test_a_stop_inside_the_step_that_reaches_the_cap_ends_the_request_there(monk
         calls.clear()
         _stop_before_length(original, req, n)
         assert calls == [n] and req.finished_len is None
+
+
+_FINISH_REASONS = ("BaseFinishReason", "FINISH_MATCHED_TOKEN", "FINISH_MATCHED_STR", "FINISHED_MATCHED_REGEX",
+                   "FINISH_LENGTH")
+_FINISH_METHODS = ("finished", "output_ids_through_stop", "update_finish_state", "_check_vocab_boundary_finish",
+                   "_check_str_based_finish", "_check_token_based_finish")
+
+
+def _sglang_finish_check() -> tuple[type, types.ModuleType]:
+    """SGLang's own finish check on CPU: its finish reasons and the ``Req`` methods ``update_finish_state`` runs,
+    compiled from its source onto a class that holds only what they read (``schedule_batch`` itself imports SGLang's
+    GPU-side dependencies). Returns (that class, a stand-in ``schedule_batch`` module with the finish reasons)."""
+    tree = _tree("srt/managers/schedule_batch.py")
+    ns: dict = {"List": list, "Optional": Optional, "Union": Union, "re": re}
+    for name in _FINISH_REASONS:
+        exec(ast.unparse(_class(tree, name)), ns)  # SGLang's pinned source
+    body: dict = {}
+    for name in _FINISH_METHODS:
+        exec(ast.unparse(_function(_class(tree, "Req"), name)), ns, body)
+    module = types.ModuleType("sglang.srt.managers.schedule_batch")
+    for name in _FINISH_REASONS:
+        setattr(module, name, ns[name])
+    return type("Req", (), body), module
+
+
+@needs_source
+def test_sampled_isd_with_a_stop_token_follows_ar_through_sglangs_finish_check(monkeypatch):
+    """The path of a stop token in a served ISD request, on CPU: the stepper's multi-token steps committed the way
+    SGLang's scheduler commits them (``output_ids.extend``, then ``update_finish_state(accepted)`` from SGLang's
+    own source, with the hook of patch 4 around it) and returned through ``output_ids_through_stop``, as the HTTP
+    response's ``output_ids``. The outputs hold nothing after the stop and have AR's exact distribution (the stop
+    ends them, else the cap). The stops land inside steps, with tokens after them, both short of the cap and in the
+    step that crosses it (where SGLang alone would end by length past the stop)."""
+    from tests.isd_helpers import BigramModel, bigram_stepper_runs, g_test
+
+    req_cls, schedule_batch = _sglang_finish_check()
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.schedule_batch", schedule_batch)
+    original = req_cls.update_finish_state
+    # the AROUND hook as SGLang's HookRegistry applies it (test_plugin_registers_in_sglangs_own_registries)
+    req_cls.update_finish_state = lambda self, new_accepted_len=1: compat._stop_before_length(original, self,
+                                                                                             new_accepted_len)
+    # the position's part of the logits dominates, so drafts are often accepted and the stop lands inside steps
+    bigram = BigramModel.random("cpu", seed=1, token_scale=0.5, pos_scale=3.0)
+    stop, cap, n = 5, 6, 20_000
+    assert stop != bigram.first
+
+    def new_req():
+        req = req_cls()
+        req.output_ids, req.finished_reason, req.finished_len, req.to_finish, req.grammar = [], None, None, None, None
+        req.sampling_params = SimpleNamespace(max_new_tokens=cap, stop_token_ids={stop}, ignore_eos=False,
+                                              stop_strs=[], stop_regex_strs=[])
+        req.eos_token_ids, req.tokenizer, req.vocab_size = None, None, bigram.vocab  # --skip-tokenizer-init
+        return req
+
+    reqs = [new_req() for _ in range(n)]
+    cases = Counter()
+
+    def commit(i: int, tokens: list[int]) -> bool:
+        req = reqs[i]
+        req.output_ids.extend(tokens)
+        req.update_finish_state(len(tokens))
+        cases[len(tokens)] += 1
+        end = req.finished_len
+        if req.finished() and end < min(len(req.output_ids), cap) and req.output_ids[end - 1] == stop:
+            # a stop with tokens after it in its step; "at the cap": the step also reached max_new_tokens (patch 4)
+            cases["at the cap" if len(req.output_ids) >= cap else "short of the cap"] += 1
+        return req.finished()
+
+    bigram_stepper_runs(bigram, n, commit, seed=1)
+    outs = [tuple(r.output_ids_through_stop) for r in reqs]
+    assert all(stop not in o[:-1] for o in outs), [o for o in outs if stop in o[:-1]][:5]
+    assert cases["short of the cap"] > 200 and cases["at the cap"] > 200, cases
+    # exact: AR's outputs, each ending at the stop token or at the cap
+    exact: dict[tuple[int, ...], float] = {}
+    frontier = {(bigram.first,): 1.0}
+    while frontier:
+        prefixes, grown = list(frontier), {}
+        for s, row in zip(prefixes, bigram.next_probs(prefixes)):
+            for v, pv in enumerate(row):
+                if pv > 0:
+                    (exact if v == stop or len(s) + 1 == cap else grown)[s + (v,)] = frontier[s] * pv
+        frontier = grown
+    p_value, df = g_test(exact, outs)
+    assert df > 50 and p_value > 1e-3, (p_value, df, Counter(len(o) for o in outs))
 
 
 @needs_source
