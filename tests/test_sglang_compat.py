@@ -1,9 +1,9 @@
 """The integration against SGLang 0.5.15 itself, on CPU.
 
 * The patches of `compat` (the verify attention kernel swap with a stand-in backend; the paper's spelling through
-  SGLang's own hook registry; the stop before the length cap with a stand-in request and, with ISD's sampled steps,
-  around SGLang's own finish check compiled from its source) and the plugin's registration with SGLang's own
-  algorithm registry.
+  SGLang's own hook registry; where a multi-token step ends a request, around SGLang's own finish check compiled
+  from its source: against the same check fed one token at a time, and with ISD's sampled steps against the exact
+  AR distribution) and the plugin's registration with SGLang's own algorithm registry.
 * ``*_pinned``: SGLang's source read against every internal the package relies on (the patches in compat.py, the
   names spec_worker.py imports and the attributes it reads, the scheduler contracts, the model layout gated_lora.py
   wraps). They fail when SGLang moves.
@@ -130,7 +130,7 @@ out = {"name": algo.name, "overlap": algo.supports_overlap,
        "eagle": algo.is_eagle(), "draft_kv": algo.has_draft_kv(),
        "hidden": algo.carries_draft_hidden_states(), "topk": algo.need_topk(),
        "hooks": [(t.name, h is compat._before_post_init) for t, h, _ in HookRegistry._hooks[compat.HOOK_TARGET]],
-       "finish_hooks": [(t.name, h is compat._stop_before_length)
+       "finish_hooks": [(t.name, h is compat._finish_as_ar)
                         for t, h, _ in HookRegistry._hooks[compat.FINISH_HOOK_TARGET]]}
 
 # the hook applied by SGLang's own HookRegistry to a stand-in of ServerArgs (the real one needs SGLang's GPU-side
@@ -364,57 +364,29 @@ def test_spec_worker_interface_pinned():
 
 
 # ----------------------------------------------------------------------- compat 4: a stop before the length cap
-class _Finish:
-    def __init__(self, matched):
-        self.matched = matched
+def _params_of(cap=8, stop_strs=()):
+    return SimpleNamespace(max_new_tokens=cap, stop_strs=list(stop_strs), stop_regex_strs=[])
 
 
-def _req(output_ids, cap=8, stop=(), eos=(), tok_eos=None, ignore_eos=False):
-    return SimpleNamespace(
-        output_ids=list(output_ids), to_finish=None, finished_reason=None, finished_len=None,
-        sampling_params=SimpleNamespace(max_new_tokens=cap, stop_token_ids=set(stop), ignore_eos=ignore_eos),
-        eos_token_ids=set(eos), tokenizer=SimpleNamespace(eos_token_id=tok_eos, additional_stop_token_ids=None),
-        finished=lambda: False)
+def test_only_steps_where_sglangs_order_differs_from_ars_are_checked_token_by_token():
+    """The hook's fast path: one-token steps and runs short of the cap without stop strings go to SGLang's check
+    as they are (its scan for the first stop token is AR's rule there)."""
+    from idlm.inference.sglang_isd.compat import needs_token_by_token_check as needs
 
-
-def test_a_stop_inside_the_step_that_reaches_the_cap_ends_the_request_there(monkeypatch):
-    """SGLang checks the length cap first; the hook ends the request at a stop token before the cap (as AR), and
-    leaves a single-token step, a run short of the cap, a stop at the cap's last position and ignore_eos alone."""
-    import sys
-    import types
-
-    from idlm.inference.sglang_isd.compat import _stop_before_length, first_stop_before_cap
-
-    stub = types.ModuleType("sglang.srt.managers.schedule_batch")
-    stub.FINISH_MATCHED_TOKEN = _Finish
-    monkeypatch.setitem(sys.modules, "sglang.srt.managers.schedule_batch", stub)
-    calls = []
-    original = lambda req, n=1: calls.append(n)  # noqa: E731 (SGLang's own method)
-    # a 4-token run [5, 9, 6, 7] crosses the cap of 8 with the stop token 9 at index 5: AR stops there
-    req = _req([1, 2, 3, 4, 5, 9, 6, 7, 8], cap=8, stop=[9])
-    assert first_stop_before_cap(req, 4) == 5
-    _stop_before_length(original, req, 4)
-    assert req.finished_len == 6 and req.finished_reason.matched == 9 and calls == []
-    # the same through eos_token_ids and the tokenizer's EOS
-    for kw in ({"eos": [9]}, {"tok_eos": 9}):
-        assert first_stop_before_cap(_req([1, 2, 3, 4, 5, 9, 6, 7, 8], **kw), 4) == 5
-    # left to SGLang: one token per step, a run that stays under the cap, a stop at the last capped position,
-    # ignore_eos, a stop before the run
-    for req, n in ((_req([1, 2, 3, 4, 5, 6, 7, 9], stop=[9]), 1),
-                   (_req([1, 9, 3, 4], stop=[9]), 3),
-                   (_req([1, 2, 3, 4, 5, 6, 7, 9, 1], stop=[9]), 3),
-                   (_req([1, 2, 3, 4, 5, 9, 6, 7, 8], stop=[9], ignore_eos=True), 4),
-                   (_req([9, 2, 3, 4, 5, 6, 7, 8], stop=[9]), 3)):
-        assert first_stop_before_cap(req, n) is None
-        calls.clear()
-        _stop_before_length(original, req, n)
-        assert calls == [n] and req.finished_len is None
+    run = SimpleNamespace(output_ids=[1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert needs(SimpleNamespace(**vars(run), sampling_params=_params_of(cap=8)), 4)  # crosses the cap
+    assert needs(SimpleNamespace(output_ids=[1] * 8, sampling_params=_params_of(cap=8)), 2)  # reaches it
+    assert not needs(SimpleNamespace(**vars(run), sampling_params=_params_of(cap=8)), 1)  # AR's own step
+    assert not needs(SimpleNamespace(output_ids=[1] * 5, sampling_params=_params_of(cap=8)), 3)
+    assert needs(SimpleNamespace(output_ids=[1] * 5, sampling_params=_params_of(cap=8, stop_strs=["ab"])), 3)
+    assert not needs(SimpleNamespace(output_ids=[1] * 5, sampling_params=_params_of(cap=None)), 3)
 
 
 _FINISH_REASONS = ("BaseFinishReason", "FINISH_MATCHED_TOKEN", "FINISH_MATCHED_STR", "FINISHED_MATCHED_REGEX",
                    "FINISH_LENGTH")
 _FINISH_METHODS = ("finished", "output_ids_through_stop", "update_finish_state", "_check_vocab_boundary_finish",
-                   "_check_str_based_finish", "_check_token_based_finish")
+                   "_check_str_based_finish", "_check_token_based_finish", "tail_str", "_stop_match_tail_len",
+                   "_locate_str_stop_finished_len")
 
 
 def _sglang_finish_check() -> tuple[type, types.ModuleType]:
@@ -448,8 +420,8 @@ def test_sampled_isd_with_a_stop_token_follows_ar_through_sglangs_finish_check(m
     monkeypatch.setitem(sys.modules, "sglang.srt.managers.schedule_batch", schedule_batch)
     original = req_cls.update_finish_state
     # the AROUND hook as SGLang's HookRegistry applies it (test_plugin_registers_in_sglangs_own_registries)
-    req_cls.update_finish_state = lambda self, new_accepted_len=1: compat._stop_before_length(original, self,
-                                                                                             new_accepted_len)
+    req_cls.update_finish_state = lambda self, new_accepted_len=1: compat._finish_as_ar(original, self,
+                                                                                       new_accepted_len)
     # the position's part of the logits dominates, so drafts are often accepted and the stop lands inside steps
     bigram = BigramModel.random("cpu", seed=1, token_scale=0.5, pos_scale=3.0)
     stop, cap, n = 5, 6, 20_000
@@ -495,27 +467,105 @@ def test_sampled_isd_with_a_stop_token_follows_ar_through_sglangs_finish_check(m
     assert df > 50 and p_value > 1e-3, (p_value, df, Counter(len(o) for o in outs))
 
 
+class _CharTokenizer:
+    """Token id i decodes to one letter (stop strings over a vocabulary of 26)."""
+
+    eos_token_id = None
+    additional_stop_token_ids = None
+
+    @staticmethod
+    def decode(ids) -> str:
+        return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+
+def _finish_req(req_cls, cap: int, stop_ids: set[int], stop_strs: list[str], stop_regex: list[str]):
+    req = req_cls()
+    req.output_ids, req.finished_reason, req.finished_len, req.to_finish, req.grammar = [], None, None, None, None
+    req.sampling_params = SimpleNamespace(
+        max_new_tokens=cap, stop_token_ids=stop_ids, ignore_eos=False, stop_strs=stop_strs,
+        stop_regex_strs=stop_regex, stop_str_max_len=max((len(x) for x in stop_strs), default=0),
+        stop_regex_max_len=max((len(x) for x in stop_regex), default=0))
+    req.eos_token_ids, req.tokenizer, req.vocab_size, req.decoded_text = None, _CharTokenizer(), 26, ""
+    return req
+
+
+def _ended(req) -> tuple:
+    reason = req.finished_reason
+    return tuple(req.output_ids_through_stop), type(reason).__name__, getattr(reason, "matched", None)
+
+
 @needs_source
-def test_stop_before_length_hook_pinned():
-    """SGLang's finish check, as the hook relies on it: the method and its signature, the length check before the
-    stop tokens, a length finish keeping output_ids[:max_new_tokens], and the stop attributes `_is_stop_token`
-    reads."""
+def test_multi_token_steps_end_where_ar_decoding_ends(monkeypatch):
+    """SGLang's own finish check (compiled from its pinned source) with the hook around it, fed runs of 1-4 tokens
+    as a speculative step commits them, ends every request where the same check fed one token at a time (AR) ends
+    it: same output, same finish reason, same match. Random streams over 26 letters with a cap, stop tokens, stop
+    strings and a stop regex. Without the hook, SGLang's check of a run differs from AR's in three ways: a run
+    crossing the cap past a stop; a stop string completed after a stop token of the same run; two stop strings in
+    one run, where the one listed first wins though the other completed first."""
+    import random
+
+    req_cls, schedule_batch = _sglang_finish_check()
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.schedule_batch", schedule_batch)
+    plain = req_cls.update_finish_state
+    hooked = type("HookedReq", (req_cls,), {
+        "update_finish_state": lambda self, n=1: compat._finish_as_ar(plain, self, n)})
+    rng = random.Random(0)
+    differs = Counter()
+    for case in range(3000):
+        cap = rng.randint(2, 12)
+        stop_ids = set(rng.sample(range(26), rng.randint(0, 2)))
+        stop_strs = [_CharTokenizer.decode(rng.sample(range(6), rng.randint(1, 3))) for _ in range(rng.randint(0, 2))]
+        stop_regex = ["d.e"] if case % 5 == 0 else []
+        stream = [rng.randrange(6) if rng.random() < 0.8 else rng.randrange(26) for _ in range(cap + 4)]
+        ar = _finish_req(req_cls, cap, stop_ids, stop_strs, stop_regex)
+        for t in stream:  # AR: one token, then SGLang's check
+            ar.output_ids.append(t)
+            ar.update_finish_state(1)
+            if ar.finished():
+                break
+        results = {}
+        for name, cls in (("hooked", hooked), ("plain", req_cls)):
+            spec, pos = _finish_req(cls, cap, stop_ids, stop_strs, stop_regex), 0
+            steps = rng.getstate()
+            while not spec.finished():
+                n = rng.randint(1, 4)
+                spec.output_ids.extend(stream[pos:pos + n])
+                pos += n
+                spec.update_finish_state(n)
+            rng.setstate(steps) if name == "hooked" else None  # the same step sizes for both
+            results[name] = _ended(spec)
+        assert results["hooked"] == _ended(ar), (case, stream, cap, stop_ids, stop_strs, stop_regex, results)
+        if results["plain"] != _ended(ar):
+            if len(results["plain"][0]) == cap and len(_ended(ar)[0]) < cap:
+                differs["past the cap"] += 1
+            elif _ended(ar)[1] == "FINISH_MATCHED_TOKEN":  # a stop string completed after a stop token won
+                differs["string after a stop token"] += 1
+            else:  # two stop strings in one run: the one listed first won, though it completed later
+                differs["string listed first"] += 1
+    assert differs["past the cap"] > 50 and differs["string after a stop token"] > 5, differs
+    assert differs["string listed first"] > 5, differs
+
+
+@needs_source
+def test_finish_hook_pinned():
+    """SGLang's finish check, as the hook relies on it: the method and its signature; the length cap checked before
+    stop strings and stop strings before stop tokens (the order the hook exists for, over a run of several tokens);
+    the finished state it reads (``finished()``, ``to_finish``, ``finished_len``); the output ending at
+    ``finished_len``; an out-of-vocabulary id rewritten in ``output_ids`` (which the hook copies back)."""
     module, cls, method = compat.FINISH_HOOK_TARGET.rsplit(".", 2)
     rel = module[len("sglang."):].replace(".", "/") + ".py"
     tree = _tree(rel)
     fn = _function(_class(tree, cls), method)
     assert _params(fn) == ["self", "new_accepted_len"]
-    body = ast.get_source_segment(read_source(SRC, rel), fn)
-    length = body.index("if len(self.output_ids) >= self.sampling_params.max_new_tokens:")
-    assert length < body.index("self._check_token_based_finish(") and "self.finished_len = self.sampling_params" \
-        ".max_new_tokens" in body
     text = read_source(SRC, rel)
+    body = ast.get_source_segment(text, fn)
+    length = body.index("if len(self.output_ids) >= self.sampling_params.max_new_tokens:")
+    assert length < body.index("self._check_str_based_finish(") < body.index("self._check_token_based_finish(")
+    assert "self.finished_len = self.sampling_params.max_new_tokens" in body
+    assert "if self.to_finish:" in body and "if self.finished():" in body
     assert "return self.output_ids[: self.finished_len]" in text
-    check = ast.get_source_segment(text, _function(_class(tree, cls), "_check_token_based_finish"))
-    for needle in ("self.sampling_params.ignore_eos", "self.sampling_params.stop_token_ids", "self.eos_token_ids",
-                   "self.tokenizer.eos_token_id", "self.tokenizer.additional_stop_token_ids",
-                   "FINISH_MATCHED_TOKEN(matched=token_id)", "self.finished_len = matched_pos + 1"):
-        assert needle in check, needle
+    boundary = ast.get_source_segment(text, _function(_class(tree, cls), "_check_vocab_boundary_finish"))
+    assert "self.output_ids[offset] =" in boundary
     assert {"to_finish", "finished_reason", "finished_len", "output_ids"} <= _members(rel, cls)
     assert "AROUND" in _members("srt/plugins/hook_registry.py", "HookType")
 

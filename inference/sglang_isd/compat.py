@@ -18,14 +18,16 @@ tests/test_sglang_compat.py::test_sglang_internals_pinned, which fails when the 
    backend reads nothing from it). Relies on that method, the runner's ``num_tokens_per_bs`` and ``model_runner``,
    and flashinfer calling ``spec_info.generate_attn_arg_prefill``.
 
-4. `install_stop_before_length`: a stop token inside the step that reaches ``max_new_tokens``. SGLang's
-   ``Req.update_finish_state(new_accepted_len)`` checks the length cap before stop tokens, and a length finish
-   keeps ``output_ids[:max_new_tokens]``; when one verify step's accepted run crosses the cap with a stop token
-   before it, the output ran on past the stop, which AR decoding never does (every speculative algorithm of
-   SGLang 0.5.15 has this). An AROUND hook ends such a request at the stop token, as AR would, and leaves every
-   other case to SGLang. Relies on the method's name and signature, the order of its checks, ``finished_len``
-   and the stop-token attributes `_is_stop_token` reads (the same as SGLang's ``_check_token_based_finish``).
-   Stop strings are left to SGLang.
+4. `install_finish_as_ar`: where a step of several tokens ends a request. SGLang's
+   ``Req.update_finish_state(new_accepted_len)`` checks the whole run at once, in an order that is AR's only for
+   one token: the length cap first (a length finish keeps ``output_ids[:max_new_tokens]``, so a run crossing the
+   cap with a stop token or stop string before it ran on past the stop), and stop strings before stop tokens (a
+   stop string completed after a stop token in the same run won, with the tokens between). Every speculative
+   algorithm of SGLang 0.5.15 has this. An AROUND hook runs SGLang's own check token by token in those two cases
+   (a run that reaches the cap; a request with stop strings or regexes), on the output as AR would have held it,
+   and stops at the first finish; every other step goes to SGLang's check unchanged (its scan for the first stop
+   token is AR's rule). Relies on the method's name and signature, a one-token call being AR's check,
+   ``finished()``, ``to_finish`` and ``finished_len``.
 
 Nothing here imports SGLang at module level (the patches are tested on CPU with stand-ins and, where the SGLang
 source is at hand, with SGLang's own hook registry).
@@ -165,55 +167,49 @@ def gqa_verify_fwd(fallback):
     return run
 
 
-# ------------------------------------------------------------------- 4. a stop token inside the last multi-token step
+# ------------------------------------------------------------------- 4. where a multi-token step ends a request
 FINISH_HOOK_TARGET = "sglang.srt.managers.schedule_batch.Req.update_finish_state"
 
 
-def _is_stop_token(req, token_id: int) -> bool:
-    """Whether ``token_id`` ends ``req`` (SGLang's ``Req._check_token_based_finish`` rule, ignore_eos aside)."""
+def needs_token_by_token_check(req, new_accepted_len: int) -> bool:
+    """Whether SGLang's one-pass finish check of a step that committed ``new_accepted_len`` tokens may end ``req``
+    elsewhere than AR decoding would: when the run reached ``max_new_tokens`` (SGLang checks the cap first and
+    keeps ``output_ids[:max_new_tokens]``, past any stop before it) or when the request has stop strings or
+    regexes (SGLang checks them over the whole run before stop tokens, so a stop string completed after a stop
+    token wins). Otherwise its scan for the first stop token is AR's rule."""
+    if new_accepted_len <= 1:
+        return False
     sp = req.sampling_params
-    if sp.stop_token_ids and token_id in sp.stop_token_ids:
+    cap = sp.max_new_tokens
+    if cap is not None and len(req.output_ids) >= cap:
         return True
-    if req.eos_token_ids and token_id in req.eos_token_ids:
-        return True
-    tok = req.tokenizer
-    if tok is not None:
-        if token_id == tok.eos_token_id:
-            return True
-        extra = getattr(tok, "additional_stop_token_ids", None)
-        if extra and token_id in extra:
-            return True
-    return False
+    return bool(getattr(sp, "stop_strs", None) or getattr(sp, "stop_regex_strs", None))
 
 
-def first_stop_before_cap(req, new_accepted_len: int) -> int | None:
-    """The index in ``req.output_ids`` of the first stop token of the last ``new_accepted_len`` tokens that lies
-    before the cap's last position, when that run reached ``max_new_tokens``; else None. (A stop at the cap's last
-    position finishes by length in AR decoding too.)"""
-    cap = req.sampling_params.max_new_tokens
-    n = len(req.output_ids)
-    if new_accepted_len <= 1 or cap is None or n < cap or req.sampling_params.ignore_eos:
-        return None
-    for i in range(max(n - new_accepted_len, 0), cap - 1):
-        if _is_stop_token(req, req.output_ids[i]):
-            return i
+def _finish_as_ar(original, req, new_accepted_len: int = 1):
+    """AROUND hook on ``Req.update_finish_state(self, new_accepted_len=1)``: where SGLang's check of a multi-token
+    step could differ from AR's (`needs_token_by_token_check`), run SGLang's own check once per new token, on
+    ``output_ids`` as AR would have held it after that token, and stop at the first finish. The finish (length,
+    stop string or regex, stop token, an out-of-vocabulary id) is then the one AR decoding would have reached, at
+    the same token; ``finished_len`` marks it, so the tokens after it are not returned."""
+    if req.finished() or req.to_finish is not None or not needs_token_by_token_check(req, new_accepted_len):
+        return original(req, new_accepted_len)
+    full = req.output_ids
+    try:
+        for end in range(len(full) - new_accepted_len + 1, len(full) + 1):
+            req.output_ids = full[:end]
+            original(req, 1)
+            full[:end] = req.output_ids  # the check may rewrite a token (an out-of-vocabulary id)
+            if req.finished():
+                if req.finished_len is None:  # a stop string seen in the decoded text: AR ended at this token
+                    req.finished_len = end
+                return None
+    finally:
+        req.output_ids = full
     return None
 
 
-def _stop_before_length(original, req, new_accepted_len: int = 1):
-    """AROUND hook on ``Req.update_finish_state(self, new_accepted_len=1)``."""
-    if not req.finished() and req.to_finish is None:
-        i = first_stop_before_cap(req, new_accepted_len)
-        if i is not None:
-            from sglang.srt.managers.schedule_batch import FINISH_MATCHED_TOKEN
-
-            req.finished_reason = FINISH_MATCHED_TOKEN(matched=req.output_ids[i])
-            req.finished_len = i + 1
-            return None
-    return original(req, new_accepted_len)
-
-
-def install_stop_before_length() -> None:
+def install_finish_as_ar() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(FINISH_HOOK_TARGET, _stop_before_length, HookType.AROUND)
+    HookRegistry.register(FINISH_HOOK_TARGET, _finish_as_ar, HookType.AROUND)

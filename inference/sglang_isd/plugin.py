@@ -34,7 +34,7 @@ def register() -> None:
         check_sglang_version,
         install_capture_spec_info,
         install_dllm_spelling,
-        install_stop_before_length,
+        install_finish_as_ar,
     )
 
     check_sglang_version()
@@ -60,6 +60,6 @@ def register() -> None:
                                   spec_class=ISDSpecAlgo)(_worker_factory)
     install_dllm_spelling()
     install_capture_spec_info()
-    install_stop_before_length()
+    install_finish_as_ar()
     _registered = True
     log.info("idlm: registered --speculative-algorithm %s", ALGORITHM_NAME)
