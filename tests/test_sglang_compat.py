@@ -527,11 +527,14 @@ def test_multi_token_steps_end_where_ar_decoding_ends(monkeypatch):
         for name, cls in (("hooked", hooked), ("plain", req_cls)):
             spec, pos = _finish_req(cls, cap, stop_ids, stop_strs, stop_regex), 0
             steps = rng.getstate()
+            ids = spec.output_ids
             while not spec.finished():
                 n = rng.randint(1, 4)
                 spec.output_ids.extend(stream[pos:pos + n])
                 pos += n
                 spec.update_finish_state(n)
+                # the committed run stays whole, in the same list (finished_len marks the end)
+                assert spec.output_ids is ids and ids == stream[:pos], (case, name)
             rng.setstate(steps) if name == "hooked" else None  # the same step sizes for both
             results[name] = _ended(spec)
         assert results["hooked"] == _ended(ar), (case, stream, cap, stop_ids, stop_strs, stop_regex, results)
@@ -551,7 +554,7 @@ def test_finish_hook_pinned():
     """SGLang's finish check, as the hook relies on it: the method and its signature; the length cap checked before
     stop strings and stop strings before stop tokens (the order the hook exists for, over a run of several tokens);
     the finished state it reads (``finished()``, ``to_finish``, ``finished_len``); the output ending at
-    ``finished_len``; an out-of-vocabulary id rewritten in ``output_ids`` (which the hook copies back)."""
+    ``finished_len``; ``output_ids`` changed in place only (an out-of-vocabulary id rewritten), never replaced."""
     module, cls, method = compat.FINISH_HOOK_TARGET.rsplit(".", 2)
     rel = module[len("sglang."):].replace(".", "/") + ".py"
     tree = _tree(rel)
@@ -566,6 +569,10 @@ def test_finish_hook_pinned():
     assert "return self.output_ids[: self.finished_len]" in text
     boundary = ast.get_source_segment(text, _function(_class(tree, cls), "_check_vocab_boundary_finish"))
     assert "self.output_ids[offset] =" in boundary
+    # the hook shortens and regrows the one output list around each check: no check may replace it
+    for name in ("update_finish_state", "_check_vocab_boundary_finish", "_check_str_based_finish",
+                 "_check_token_based_finish", "tail_str", "_locate_str_stop_finished_len"):
+        assert "self.output_ids =" not in ast.get_source_segment(text, _function(_class(tree, cls), name)), name
     assert {"to_finish", "finished_reason", "finished_len", "output_ids"} <= _members(rel, cls)
     assert "AROUND" in _members("srt/plugins/hook_registry.py", "HookType")
 

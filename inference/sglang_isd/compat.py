@@ -27,7 +27,7 @@ tests/test_sglang_compat.py::test_sglang_internals_pinned, which fails when the 
    (a run that reaches the cap; a request with stop strings or regexes), on the output as AR would have held it,
    and stops at the first finish; every other step goes to SGLang's check unchanged (its scan for the first stop
    token is AR's rule). Relies on the method's name and signature, a one-token call being AR's check,
-   ``finished()``, ``to_finish`` and ``finished_len``.
+   ``finished()``, ``to_finish``, ``finished_len``, and the check changing ``output_ids`` only in place.
 
 Nothing here imports SGLang at module level (the patches are tested on CPU with stand-ins and, where the SGLang
 source is at hand, with SGLang's own hook registry).
@@ -194,18 +194,22 @@ def _finish_as_ar(original, req, new_accepted_len: int = 1):
     the same token; ``finished_len`` marks it, so the tokens after it are not returned."""
     if req.finished() or req.to_finish is not None or not needs_token_by_token_check(req, new_accepted_len):
         return original(req, new_accepted_len)
-    full = req.output_ids
+    # the run is taken off the same list and put back token by token (SGLang's check may rewrite a token in place,
+    # an out-of-vocabulary id; it never replaces the list), so each check sees the output AR would have held
+    out = req.output_ids
+    start = len(out) - new_accepted_len
+    run = out[start:]
+    del out[start:]
     try:
-        for end in range(len(full) - new_accepted_len + 1, len(full) + 1):
-            req.output_ids = full[:end]
+        for token in run:
+            out.append(token)
             original(req, 1)
-            full[:end] = req.output_ids  # the check may rewrite a token (an out-of-vocabulary id)
             if req.finished():
                 if req.finished_len is None:  # a stop string seen in the decoded text: AR ended at this token
-                    req.finished_len = end
+                    req.finished_len = len(out)
                 return None
     finally:
-        req.output_ids = full
+        out.extend(run[len(out) - start:])
     return None
 
 
