@@ -137,8 +137,9 @@ WHEN = ("chosen", "each")
 class ServeSettings:
     """The sweep's ``serve`` section. benchmarks: {name: item limit, or null for all items}; concurrency: requests
     in flight (the server's batch and `idlm eval --concurrency`); max_tokens: `idlm eval --max-tokens`; sglang_args:
-    extra SGLang flags (`idlm serve --sglang-args`); eval_args: extra `idlm eval` flags; base: also serve the base
-    itself (AR, SGLang only)."""
+    extra SGLang flags (`idlm serve --sglang-args`); serve_args: extra `idlm serve` flags of the served runs (e.g.
+    "--draft-mode sample"; not of the base, which serves as plain AR); eval_args: extra `idlm eval` flags; base:
+    also serve the base itself (AR, SGLang only)."""
 
     stride: int
     benchmarks: dict
@@ -150,6 +151,7 @@ class ServeSettings:
     concurrency: int = 64
     max_tokens: int = 512
     sglang_args: str = ""
+    serve_args: str = ""  # extra flags of every `idlm serve` but the base's, e.g. "--draft-mode sample"
     eval_args: str = ""  # extra flags of every `idlm eval`, e.g. "--data-dir DIR"
     pythonpath: str | None = field(default=None, repr=False)  # from --serve-pythonpath, not the sweep file
 
@@ -174,7 +176,9 @@ class ServeSettings:
 
     def serve_command(self, model_args: list[str], port: int) -> list[str]:
         engine = ["--engine", "sglang", "--sglang-args", self.sglang_args] if self.engine == "sglang" else []
-        return idlm("serve", *model_args, *engine, "--port", str(port), "--max-batch-size", str(self.concurrency))
+        extra = [] if "--ar" in model_args else shlex.split(self.serve_args)  # plain AR has no drafts to set
+        return idlm("serve", *model_args, *engine, "--port", str(port), "--max-batch-size", str(self.concurrency),
+                    *extra)
 
     def eval_command(self, base_url: str, bench: str, limit: int | None, protocol: str, output: Path) -> list[str]:
         # SGLang reports its speculative counts (tokens per forward) only when asked, per request

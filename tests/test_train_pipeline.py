@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,7 @@ def test_sweep_driver_serves_each_run_as_it_trains(files, tmp_path):
              "runs": {"conv": ["adapter=null", "evaluate.strides=[2]"], "lora": ["stages=[]"]},
              "serve": {"when": "each", "engine": "native", "stride": 2, "adapter_run": "lora",
                        "benchmarks": {"gsm8k": 2}, "concurrency": 2, "max_tokens": 8,
+                       "serve_args": "--draft-mode argmax",  # reaches `idlm serve` (a bad flag would stop it)
                        "eval_args": f"--data-dir {REPO / 'tests/fixtures/eval/data'} --no-verify-data"},
              "targets": {"kl_per_token": 0.05, "nll_ratio": 1.02}}
     path = tmp_path / "sweep.yaml"
@@ -221,4 +223,7 @@ def test_committed_sweep_files_are_well_formed(path):
     if "serve" in sweep:
         st = small_scale.ServeSettings.from_sweep(sweep["serve"], None)
         assert st.adapter_run is None or st.adapter_run in runs
+        cmd, extra = st.serve_command(["--model", "M"], 1234), shlex.split(st.serve_args)
+        assert cmd[len(cmd) - len(extra):] == extra
+        assert "--draft-mode" not in st.serve_command(["--ar", "--model", "M"], 1234)  # the base serves plain AR
     assert set(sweep["targets"]) == {"kl_per_token", "nll_ratio"}
