@@ -261,9 +261,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an I-DLM from a recipe (LlamaFactory + DeepSpeed, stride curriculum)",
                        description="Run a training recipe (a LlamaFactory-style YAML file plus I-DLM keys: stride, "
-                                   "alpha, auto_balance, distill_kl, distill_soft, distill_accept, stages, finetuning: "
-                                   "gated_lora, "
-                                   "...) and optional pipeline sections: base (convert an AR model), generate (its "
+                                   "alpha, auto_balance, distill_kl, distill_soft, distill_accept, stages, "
+                                   "finetuning: gated_lora, ...) and optional pipeline sections: base (convert an AR "
+                                   "model), generate (its "
                                    "sampled responses as data), adapter (a gated-LoRA stage), evaluate (quality and "
                                    "ISD hooks). Stages run in order, each from the previous stage's weights; "
                                    "rerunning the same command after a kill skips finished phases and stages and "

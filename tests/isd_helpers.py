@@ -192,7 +192,7 @@ def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, toke
 
     bigram = BigramModel.random(device, vocab, temperature, top_k, top_p, seed)
     mask, prompt_len, first = bigram.mask, bigram.prompt_len, bigram.first
-    logits_of, probs_of = bigram.logits, bigram.probs
+    logits_of = bigram.logits
     cfg = ISDServeConfig(stride=stride, draft_mode=mode, seed=seed, fused_verify=fused_verify)
     state = ISDStateTable(n, cfg, mask, device, vocab_size=vocab)
     slots = torch.arange(n, device=device)
@@ -212,13 +212,11 @@ def bigram_stepper_samples(device: str, mode: str, n: int, stride: int = 3, toke
         seq_lens = res.new_seq_lens
     samples = [tuple(r) for r in out[:, :tokens].tolist()]
 
-    # exact: enumerate the AR chain after the first token (position prompt_len is the first token's)
+    # exact: enumerate the AR chain after the first token
     exact: dict[tuple[int, ...], float] = {(): 1.0}
-    for i in range(tokens):
+    for _ in range(tokens):
         prefixes = list(exact)
-        last = torch.tensor([[s[-1] if s else first] for s in prefixes], device=device)
-        pos = torch.full_like(last, prompt_len + i)
-        rows = probs_of(logits_of(last, pos))[:, 0].tolist()
+        rows = bigram.next_probs([(first, *s) for s in prefixes])
         exact = {s + (v,): exact[s] * pv for s, row in zip(prefixes, rows) for v, pv in enumerate(row) if pv > 0}
     return samples, exact
 

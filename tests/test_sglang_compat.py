@@ -363,9 +363,12 @@ def test_spec_worker_interface_pinned():
     assert "req_to_token" in _members("srt/mem_cache/memory_pool.py", "ReqToTokenPool")
 
 
-# ----------------------------------------------------------------------- compat 4: a stop before the length cap
-def _params_of(cap=8, stop_strs=()):
-    return SimpleNamespace(max_new_tokens=cap, stop_strs=list(stop_strs), stop_regex_strs=[])
+# ----------------------------------------------------------------------- compat 4: where a multi-token step ends
+def _committed(n_tokens: int, cap: int | None = 8, stop_strs=()):
+    """A request with ``n_tokens`` output tokens, as the hook's fast-path test reads it."""
+    return SimpleNamespace(output_ids=[1] * n_tokens,
+                           sampling_params=SimpleNamespace(max_new_tokens=cap, stop_strs=list(stop_strs),
+                                                           stop_regex_strs=[]))
 
 
 def test_only_steps_where_sglangs_order_differs_from_ars_are_checked_token_by_token():
@@ -373,13 +376,12 @@ def test_only_steps_where_sglangs_order_differs_from_ars_are_checked_token_by_to
     as they are (its scan for the first stop token is AR's rule there)."""
     from idlm.inference.sglang_isd.compat import needs_token_by_token_check as needs
 
-    run = SimpleNamespace(output_ids=[1, 2, 3, 4, 5, 6, 7, 8, 9])
-    assert needs(SimpleNamespace(**vars(run), sampling_params=_params_of(cap=8)), 4)  # crosses the cap
-    assert needs(SimpleNamespace(output_ids=[1] * 8, sampling_params=_params_of(cap=8)), 2)  # reaches it
-    assert not needs(SimpleNamespace(**vars(run), sampling_params=_params_of(cap=8)), 1)  # AR's own step
-    assert not needs(SimpleNamespace(output_ids=[1] * 5, sampling_params=_params_of(cap=8)), 3)
-    assert needs(SimpleNamespace(output_ids=[1] * 5, sampling_params=_params_of(cap=8, stop_strs=["ab"])), 3)
-    assert not needs(SimpleNamespace(output_ids=[1] * 5, sampling_params=_params_of(cap=None)), 3)
+    assert needs(_committed(9), 4)  # crosses the cap
+    assert needs(_committed(8), 2)  # reaches it
+    assert not needs(_committed(9), 1)  # AR's own step
+    assert not needs(_committed(5), 3)
+    assert needs(_committed(5, stop_strs=["ab"]), 3)
+    assert not needs(_committed(5, cap=None), 3)
 
 
 _FINISH_REASONS = ("BaseFinishReason", "FINISH_MATCHED_TOKEN", "FINISH_MATCHED_STR", "FINISHED_MATCHED_REGEX",
